@@ -1,0 +1,370 @@
+"""The Engine: everything around a Module that makes it train.
+
+Fleet init and parallel wrapping, the optimizer and LR schedule, gradient accumulation and clipping, mixed
+precision, recompute, evaluation, logging (progress bar and metrics.jsonl) and crash-safe checkpoints with
+exact resume. A Module only turns batches into losses.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from ppzoo.config import config_to_dict, resolve_parallel_and_batch
+from ppzoo.core import checkpoint as ckpt
+from ppzoo.core.optim import build_optimizer, clip_grad_norm
+from ppzoo.core.recompute import apply_recompute
+from ppzoo.data.datasets import build_dataset
+from ppzoo.data.sampler import DistributedBatchSampler, collate
+from ppzoo.data.tokenizer import Tokenizer
+from ppzoo.distributed.env import init_parallel_env
+from ppzoo.errors import CheckpointError, ConfigError
+from ppzoo.registry import MODULES
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def resolve_device(requested):
+    has_gpu = paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if requested == "auto":
+        return "gpu" if has_gpu else "cpu"
+    if requested == "gpu" and not has_gpu:
+        raise ConfigError(
+            "Global.device is gpu but this Paddle build has no usable GPU. Install paddlepaddle-gpu (see the "
+            "README) or set Global.device=cpu."
+        )
+    return requested
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def to_tensors(batch):
+    return {key: paddle.to_tensor(value) for key, value in batch.items()}
+
+
+class Engine:
+    def __init__(self, cfg, module=None, train_dataset=None, eval_dataset=None, tokenizer=None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.Global.device)
+        paddle.set_device(self.device)
+        self.env = init_parallel_env(cfg.Distributed, self.device)
+        resolve_parallel_and_batch(cfg, self.env.world_size)
+        self.is_main = self.env.rank == 0
+        self.output_dir = cfg.Engine.output_dir
+        seed_everything(cfg.Global.seed)
+
+        self.tokenizer = tokenizer
+        if self.tokenizer is None and cfg.Data.tokenizer:
+            self.tokenizer = Tokenizer.from_file(cfg.Data.tokenizer)
+        self._check_vocab()
+
+        self.module = module if module is not None else MODULES.get(cfg.model_module)(cfg.Model, self.env)
+        self.train_dataset = train_dataset
+        if self.train_dataset is None and cfg.Data.Train is not None:
+            self.train_dataset = build_dataset(cfg.Data.Train, self._require_tokenizer(), cfg.Data.seq_len)
+        self.eval_dataset = eval_dataset
+        if self.eval_dataset is None and cfg.Data.Eval is not None:
+            self.eval_dataset = build_dataset(cfg.Data.Eval, self._require_tokenizer(), cfg.Data.seq_len)
+
+        if cfg.Engine.recompute:
+            apply_recompute(self.module.recompute_units())
+        self.amp = self._amp_settings()
+        self.optimizer, self.lr_schedule = build_optimizer(
+            cfg.Optimizer, self.module.parameters(), cfg.Engine.max_steps
+        )
+        if self.amp["enable"] and self.amp["level"] == "O2":
+            self.module, self.optimizer = paddle.amp.decorate(
+                self.module, self.optimizer, level="O2", dtype=self.amp["dtype"]
+            )
+        self.scaler = (
+            paddle.amp.GradScaler(init_loss_scaling=cfg.Engine.mix_precision.init_loss_scaling)
+            if self.amp["enable"] and self.amp["dtype"] == "float16"
+            else None
+        )
+        self.model = self._wrap_data_parallel(self.module)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ConfigError(
+                f"Data.tokenizer is not set in {self.cfg.source}, but the datasets need one. Train one with "
+                "`python tools/train_tokenizer.py --out output/tokenizer/tokenizer.json` and set "
+                "Data.tokenizer to that path (or to a checkpoint's tokenizer.json)."
+            )
+        return self.tokenizer
+
+    def _check_vocab(self):
+        vocab = getattr(self.cfg.Model, "vocab_size", None)
+        if self.tokenizer is not None and vocab is not None and vocab < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"Model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({self.tokenizer.vocab_size} "
+                f"tokens in {self.tokenizer.source}); set Model.vocab_size to at least {self.tokenizer.vocab_size}."
+            )
+
+    def _amp_settings(self):
+        mp = self.cfg.Engine.mix_precision
+        if not mp.enable:
+            return {"enable": False, "dtype": "float32", "level": "O0"}
+        if self.device == "cpu":
+            # Paddle's CPU kernels have no bf16 matmul/softmax/layer_norm and auto_cast is a no-op there:
+            # say so once instead of pretending.
+            warnings.warn(
+                f"Engine.mix_precision.enable is set but the device is CPU: Paddle has no {mp.dtype} CPU kernels "
+                "for matmul and softmax, so training runs in float32. Mixed precision applies on GPU.",
+                stacklevel=2,
+            )
+            return {"enable": False, "dtype": "float32", "level": "O0"}
+        return {"enable": True, "dtype": mp.dtype, "level": mp.level}
+
+    def _wrap_data_parallel(self, module):
+        if self.env.dp_size * self.env.sharding_size <= 1 or self.env.world_size <= 1:
+            return module
+        from paddle.distributed import fleet
+
+        # fleet picks the wrapper from the hybrid topology (DataParallel for pure dp, TensorParallel with dp
+        # gradient sync when mp > 1); it asserts at world size 1, hence the check above.
+        return fleet.distributed_model(module)
+
+    def _autocast(self):
+        if not self.amp["enable"]:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(enable=True, dtype=self.amp["dtype"], level=self.amp["level"])
+
+    # --------------------------------------------------------------------------------------- training
+    def _sampler(self):
+        g = self.cfg.Global
+        return DistributedBatchSampler(
+            len(self.train_dataset),
+            g.global_batch_size,
+            g.micro_batch_size,
+            self.cfg.Engine.accumulate_steps,
+            self.env.dp_rank,
+            self.env.dp_size * self.env.sharding_size,
+            g.seed,
+        )
+
+    def _mean_over_dp(self, value):
+        if self.env.dp_size <= 1 or self.env.world_size <= 1:
+            return value
+        t = paddle.to_tensor([value], dtype="float64")
+        dist.all_reduce(t, group=self.env.dp_group)
+        return float(t.item()) / self.env.dp_size
+
+    def train_step(self, step, sampler):
+        """One optimizer step over accumulate_steps micro-batches; returns logged scalars."""
+        micro_batches = sampler.indices_for_step(step)
+        accumulate = len(micro_batches)
+        totals, tokens = {}, 0
+        for index, indices in enumerate(micro_batches):
+            batch = to_tensors(collate([self.train_dataset[i] for i in indices]))
+            tokens += self.module.tokens_in_batch(batch)
+            last = index == accumulate - 1
+            # Skip the data-parallel all-reduce on all but the last micro-batch: gradients accumulate locally.
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    losses = self.model(batch)
+                loss = losses["loss"] / accumulate
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + float(value) / accumulate
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.Optimizer.grad_clip, self.env.mp_group)
+        lr = self.optimizer.get_lr()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.clear_grad(set_to_zero=False)
+        self.lr_schedule.step()
+        logged = {name: self._mean_over_dp(value) for name, value in totals.items()}
+        logged.update(lr=lr, grad_norm=grad_norm, tokens=tokens * self.env.dp_size * self.env.sharding_size)
+        return logged
+
+    def fit(self, resume=None):
+        """Train to Engine.max_steps; returns a summary dict (also the tool's JSON result)."""
+        cfg = self.cfg.Engine
+        if self.train_dataset is None:
+            raise ConfigError(f"Data.Train is not set in {self.cfg.source}: there is nothing to train on.")
+        # Resolve and verify the checkpoint before anything is written, so a bad --resume damages nothing.
+        resume_path = ckpt.resolve_resume(resume, self.output_dir) if resume else None
+        if resume_path:
+            self.load_checkpoint(resume_path)
+        if self.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            self._truncate_metrics(self.step)
+        sampler = self._sampler()
+        bar = self._progress_bar()
+        last, eval_metrics, saved = {}, {}, None
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.step < cfg.max_steps:
+            logged = self.train_step(self.step, sampler)
+            self.step += 1
+            window_tokens += logged.pop("tokens")
+            is_last = self.step == cfg.max_steps
+            if self.step % cfg.logging_freq == 0 or is_last:
+                elapsed = time.perf_counter() - window_start
+                logged["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+                window_tokens, window_start = 0, time.perf_counter()
+                if (cfg.eval_freq and self.step % cfg.eval_freq == 0) or is_last:
+                    eval_metrics = self.evaluate()
+                    logged.update(eval_metrics)
+                self._log(logged, bar)
+                window_start = time.perf_counter()  # evaluation and logging do not count against throughput
+            elif cfg.eval_freq and self.step % cfg.eval_freq == 0:
+                eval_metrics = self.evaluate()
+                self._log(dict(logged, **eval_metrics), bar)
+            if (cfg.save_steps and self.step % cfg.save_steps == 0) or is_last:
+                saved = self.save_checkpoint()
+            last = logged
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return {
+            "step": self.step,
+            "loss": last.get("loss"),
+            "tokens_per_sec": last.get("tokens_per_sec"),
+            **{k: v for k, v in eval_metrics.items()},
+            "checkpoint": saved,
+            "output_dir": self.output_dir,
+        }
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, max_batches=None):
+        """Mean validation metrics over the first Engine.eval_iters batches of the eval dataset (the same
+        batches every time), with perplexity when the module reports a loss."""
+        if self.eval_dataset is None:
+            return {}
+        batch_size = self.cfg.Global.micro_batch_size
+        n_batches = min(max_batches or self.cfg.Engine.eval_iters, len(self.eval_dataset) // batch_size)
+        if n_batches == 0:
+            n_batches, batch_size = 1, len(self.eval_dataset)
+        was_training = self.module.training
+        self.module.eval()
+        totals = {}
+        with paddle.no_grad():
+            for b in range(n_batches):
+                samples = [self.eval_dataset[i] for i in range(b * batch_size, (b + 1) * batch_size)]
+                with self._autocast():
+                    metrics = self.module.validation_step(to_tensors(collate(samples)))
+                for name, value in metrics.items():
+                    totals[name] = totals.get(name, 0.0) + float(value) / n_batches
+        if was_training:
+            self.module.train()
+        result = {f"eval_{name}": value for name, value in totals.items()}
+        if "eval_loss" in result:
+            result["eval_ppl"] = math.exp(min(result["eval_loss"], 50.0))
+        return result
+
+    # ---------------------------------------------------------------------------------------- logging
+    def _progress_bar(self):
+        if not (self.is_main and self.cfg.Engine.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        # disable=None: the bar shows on a terminal only; logs and CI get plain lines from _log.
+        return tqdm(total=self.cfg.Engine.max_steps, initial=self.step, desc="train", disable=None, file=sys.stderr)
+
+    def _log(self, logged, bar):
+        if not self.is_main:
+            return
+        record = {"step": self.step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in logged.items()}}
+        with open(os.path.join(self.output_dir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = {"loss": f"{logged['loss']:.4f}", "lr": f"{logged['lr']:.2e}", "tok/s": f"{logged['tokens_per_sec']:.0f}"}
+        if "eval_loss" in logged:
+            shown["eval_loss"] = f"{logged['eval_loss']:.4f}"
+        if bar is not None and not bar.disable:
+            bar.set_postfix(shown, refresh=False)
+        else:
+            print(f"step {self.step}/{self.cfg.Engine.max_steps} " + " ".join(f"{k} {v}" for k, v in shown.items()),
+                  flush=True)
+
+    def _truncate_metrics(self, step):
+        """Drop logged steps after `step` (a resumed run re-logs them)."""
+        path = os.path.join(self.output_dir, METRICS_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _barrier(self):
+        if self.env.world_size > 1:
+            dist.barrier()
+
+    def save_checkpoint(self):
+        """Write checkpoint step_XXXXXXXX (see ppzoo.core.checkpoint); returns its path."""
+        root, r = self.output_dir, self.env.mp_rank
+        if self.is_main:
+            ckpt.begin(root, self.step)
+        self._barrier()
+        tmp = ckpt.temporary_dir(root, self.step)
+        if self.env.dp_rank == 0:
+            paddle.save(self.module.state_dict(), os.path.join(tmp, f"model.mp{r}.pdparams"))
+            paddle.save(self.optimizer.state_dict(), os.path.join(tmp, f"optimizer.mp{r}.pdopt"))
+            paddle.save({"paddle": paddle.get_rng_state()}, os.path.join(tmp, f"rng.mp{r}.pdrng"))
+        if self.is_main:
+            np_state = np.random.get_state()
+            state = {
+                "step": self.step,
+                "consumed_samples": self.step * self.cfg.Global.global_batch_size,
+                "mp_size": self.env.mp_size,
+                "config": config_to_dict(self.cfg),
+                "python_random": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+                "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            }
+            ckpt.write_json(os.path.join(tmp, ckpt.TRAINER_STATE), state)
+            if self.tokenizer is not None:
+                self.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        self._barrier()
+        final = None
+        if self.is_main:
+            final = ckpt.commit(root, self.step, self.cfg.Engine.keep_last)
+        self._barrier()
+        return final or os.path.join(root, ckpt.step_dir_name(self.step))
+
+    def load_checkpoint(self, path):
+        """Restore model, optimizer, LR schedule, step (the data position follows from it) and random state."""
+        state = ckpt.read_trainer_state(path)
+        if state.get("mp_size", 1) != self.env.mp_size:
+            raise CheckpointError(
+                f"{path} was saved with Distributed.mp_degree={state.get('mp_size')} but this run uses "
+                f"mp_degree={self.env.mp_size}; resume with the same tensor-parallel degree."
+            )
+        r = self.env.mp_rank
+        self.module.set_state_dict(paddle.load(os.path.join(path, f"model.mp{r}.pdparams")))
+        self.optimizer.set_state_dict(paddle.load(os.path.join(path, f"optimizer.mp{r}.pdopt")))
+        paddle.set_rng_state(paddle.load(os.path.join(path, f"rng.mp{r}.pdrng"))["paddle"])
+        py = state["python_random"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np_state = state["numpy_random"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        self.step = state["step"]
+        return state
+
+
+def load_module_weights(module, path, mp_rank=0):
+    """Load only the model weights of a checkpoint (for eval, export and inference)."""
+    ckpt.verify(path)
+    module.set_state_dict(paddle.load(os.path.join(path, f"model.mp{mp_rank}.pdparams")))
+    return ckpt.read_trainer_state(path)
