@@ -554,10 +554,22 @@ def load_config(path, overrides=()) -> Config:
     path = Path(path)
     origins: Dict[KeyPath, str] = {}
     merged = _load_merged(path, [path], origins)
+    return _validated(merged, str(path), overrides, origins)
+
+
+def config_from_dict(data: dict, source: str = "<dict>", overrides=()) -> Config:
+    """Validate an already-merged config dict (e.g. the one a checkpoint stores) like load_config does."""
+    import copy
+
+    return _validated(copy.deepcopy(data), source, overrides, {})
+
+
+def _validated(merged: dict, source: str, overrides, origins: Dict[KeyPath, str]) -> Config:
     merged = _apply_overrides(merged, overrides, origins)
-    ctx = _Context(str(path), origins)
+    ctx = _Context(source, origins)
     cfg = _build_config(merged, ctx)
     _check_sanity(cfg, ctx)
+    cfg.source = source
     return cfg
 
 

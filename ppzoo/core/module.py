@@ -27,6 +27,10 @@ class Module(nn.Layer):
         """A dict of scalar metrics; `loss` (if present) is averaged and reported with its perplexity."""
         raise NotImplementedError
 
+    def language_model(self):
+        """For text generators: the causal LM that ppzoo.inference.Generator drives."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate text")
+
     def recompute_units(self):
         """The sub-layers the Engine may wrap in activation recompute (e.g. the decoder layers)."""
         return []

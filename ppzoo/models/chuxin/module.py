@@ -32,6 +32,10 @@ class ChuXinModule(Module):
         with paddle.no_grad():
             return {"loss": self._lm_loss(batch)}
 
+    def language_model(self):
+        """The causal LM that generation drives (forward(input_ids, position_ids, attn_mask, cache))."""
+        return self.model
+
     def recompute_units(self):
         return list(self.model.model.layers)
 

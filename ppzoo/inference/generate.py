@@ -1,0 +1,218 @@
+"""Autoregressive generation: batched prompts with left padding, a KV cache, and the usual decoding knobs.
+
+The model is any causal LM whose forward is `model(input_ids, position_ids=, attn_mask=, cache=) -> logits`
+(ChuXinForCausalLM is). Prompts are left-padded so every row's next token sits in the last column; padding
+is masked out of attention and positions count only real tokens, so a row's output does not depend on the
+other rows in its batch.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ppzoo.errors import PpzooError
+from ppzoo.inference.cache import DenseKVCache
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the row (CTRL-style)
+    stop_strings: List[str] = field(default_factory=list)
+    stop_token_ids: Optional[List[int]] = None  # default: the tokenizer's eos
+    seed: Optional[int] = None
+
+    def check(self):
+        if self.max_new_tokens < 1:
+            raise PpzooError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise PpzooError(
+                f"invalid sampling settings: temperature {self.temperature} (>= 0), top_p {self.top_p} (0 < p <= 1), "
+                f"top_k {self.top_k} (>= 0), repetition_penalty {self.repetition_penalty} (> 0)"
+            )
+
+
+NEG_INF = float("-inf")
+
+
+def apply_repetition_penalty(logits, generated_mask, penalty):
+    """Divide positive logits / multiply negative logits of tokens already seen by `penalty`."""
+    if penalty == 1.0:
+        return logits
+    penalized = paddle.where(logits > 0, logits / penalty, logits * penalty)
+    return paddle.where(generated_mask, penalized, logits)
+
+
+def filter_top_k_top_p(logits, top_k, top_p):
+    """Set logits outside the top-k and outside the smallest nucleus of mass top_p to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = paddle.topk(logits, top_k, axis=-1)[0][:, -1:]
+        logits = paddle.where(logits < kth, paddle.full_like(logits, NEG_INF), logits)
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = paddle.sort(logits, axis=-1, descending=True), paddle.argsort(
+            logits, axis=-1, descending=True
+        )
+        probs = F.softmax(sorted_logits, axis=-1)
+        # Keep a token if the mass before it is below top_p (the top token is always kept).
+        mass_before = paddle.cumsum(probs, axis=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = paddle.put_along_axis(paddle.zeros_like(drop_sorted), sorted_idx, drop_sorted, axis=-1)
+        logits = paddle.where(drop, paddle.full_like(logits, NEG_INF), logits)
+    return logits
+
+
+class Generator:
+    def __init__(self, model, tokenizer, cache_factory=DenseKVCache, max_length=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache_factory = cache_factory
+        self.max_length = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+    # ------------------------------------------------------------------------------------- helpers
+    def _encode_prompts(self, prompts, truncate):
+        rows = []
+        for prompt in prompts:
+            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+            rows.append(ids)
+        return rows
+
+    def _check_length(self, rows, max_new_tokens, truncate):
+        if self.max_length is None:
+            return rows
+        budget = self.max_length - max_new_tokens
+        out = []
+        for i, ids in enumerate(rows):
+            if len(ids) > budget:
+                if not truncate:
+                    raise PpzooError(
+                        f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                        f"model's context of {self.max_length} tokens. Shorten the prompt, lower max_new_tokens, or "
+                        "ask for truncation (keeps the prompt's last tokens)."
+                    )
+                ids = ids[len(ids) - budget:]
+            out.append(ids)
+        return out
+
+    @staticmethod
+    def _left_pad(rows, pad_id):
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        valid = np.zeros((len(rows), width), dtype=bool)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = r
+            valid[i, width - len(r):] = True
+        return ids, valid
+
+    @staticmethod
+    def _attention_mask(valid_keys, num_queries):
+        """Additive mask [b, 1, q, k]: a query (the last `num_queries` positions) sees valid keys at or before
+        its own position."""
+        b, k = valid_keys.shape
+        q_pos = np.arange(k - num_queries, k)[:, None]
+        causal = np.arange(k)[None, :] <= q_pos
+        allowed = causal[None, :, :] & valid_keys[:, None, :]
+        # A fully padded query row (padding position) would be all -inf: let it see itself to stay finite.
+        allowed |= np.eye(k, dtype=bool)[None, k - num_queries:, :]
+        mask = np.where(allowed, 0.0, NEG_INF).astype(np.float32)
+        return paddle.to_tensor(mask[:, None, :, :])
+
+    # ------------------------------------------------------------------------------------ decoding
+    @paddle.no_grad()
+    def stream(self, prompts, sampling=None, truncate=False):
+        """Yield, after every decoding step, a list with each row's newly decoded text (possibly '')."""
+        sampling = sampling or SamplingConfig()
+        sampling.check()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows = self._check_length(self._encode_prompts(prompts, truncate), sampling.max_new_tokens, truncate)
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        stop_ids = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else [self.tokenizer.eos_id])
+        stop_ids.discard(None)
+        ids, valid = self._left_pad(rows, pad_id)
+        batch = len(rows)
+        generator = np.random.default_rng(sampling.seed)
+
+        was_training = self.model.training
+        self.model.eval()
+        cache = self.cache_factory()
+        seen = np.zeros((batch, max(self.tokenizer.vocab_size, 1)), dtype=bool)
+        for i, r in enumerate(rows):
+            seen[i, r] = True
+        generated = [[] for _ in range(batch)]
+        emitted_text = ["" for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+        step_ids, step_pos, num_new = ids, positions, ids.shape[1]
+        try:
+            for _ in range(sampling.max_new_tokens):
+                logits = self.model(
+                    paddle.to_tensor(step_ids),
+                    position_ids=paddle.to_tensor(step_pos, dtype="int64"),
+                    attn_mask=self._attention_mask(valid, num_new),
+                    cache=cache,
+                )
+                cache.advance(num_new)
+                next_logits = logits[:, -1, :].astype("float32")
+                vocab = next_logits.shape[-1]
+                next_tokens = self._choose(next_logits, paddle.to_tensor(seen[:, :vocab]), sampling, generator)
+                pieces = []
+                for i in range(batch):
+                    if done[i]:
+                        pieces.append("")
+                        continue
+                    token = int(next_tokens[i])
+                    if token in stop_ids:
+                        done[i] = True
+                        pieces.append("")
+                        continue
+                    generated[i].append(token)
+                    seen[i, token] = True
+                    text = self.tokenizer.decode(generated[i])
+                    hit = next((s for s in sampling.stop_strings if s in text), None)
+                    if hit:
+                        text = text[: text.index(hit)]
+                        done[i] = True
+                    # Only emit text that is final: a byte-level token may end mid-character.
+                    if not done[i] and text.endswith("\ufffd"):
+                        pieces.append("")
+                        continue
+                    pieces.append(text[len(emitted_text[i]):])
+                    emitted_text[i] = text
+                yield pieces
+                if done.all():
+                    break
+                valid = np.concatenate([valid, np.ones((batch, 1), dtype=bool)], axis=1)
+                step_pos = step_pos[:, -1:] + 1
+                step_ids = next_tokens.reshape(batch, 1).astype(np.int64)
+                num_new = 1
+            # Text held back because it ended mid-character is flushed at the end.
+            tail = [self.tokenizer.decode(g)[len(e):] if not d else "" for g, e, d in zip(generated, emitted_text, done)]
+            if any(tail):
+                yield tail
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _choose(self, logits, seen_mask, sampling, generator):
+        logits = apply_repetition_penalty(logits, seen_mask, sampling.repetition_penalty)
+        if sampling.temperature == 0:
+            return paddle.argmax(logits, axis=-1).numpy()
+        logits = filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+        probs = F.softmax(logits, axis=-1).numpy().astype(np.float64)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        # Sampling on the host with a seeded numpy generator: reproducible for a given seed.
+        return np.array([generator.choice(probs.shape[-1], p=p) for p in probs])
+
+    def generate(self, prompts, sampling=None, truncate=False):
+        """The full continuation of each prompt (a list of strings; a str prompt gives a str)."""
+        single = isinstance(prompts, str)
+        texts = ["" for _ in range(1 if single else len(prompts))]
+        for pieces in self.stream(prompts, sampling, truncate):
+            texts = [t + p for t, p in zip(texts, pieces)]
+        return texts[0] if single else texts
