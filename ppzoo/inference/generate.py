@@ -54,16 +54,28 @@ def filter_top_k_top_p(logits, top_k, top_p):
         kth = paddle.topk(logits, top_k, axis=-1)[0][:, -1:]
         logits = paddle.where(logits < kth, paddle.full_like(logits, NEG_INF), logits)
     if top_p < 1.0:
-        sorted_logits, sorted_idx = paddle.sort(logits, axis=-1, descending=True), paddle.argsort(
-            logits, axis=-1, descending=True
-        )
+        sorted_logits = paddle.sort(logits, axis=-1, descending=True)
         probs = F.softmax(sorted_logits, axis=-1)
-        # Keep a token if the mass before it is below top_p (the top token is always kept).
-        mass_before = paddle.cumsum(probs, axis=-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop = paddle.put_along_axis(paddle.zeros_like(drop_sorted), sorted_idx, drop_sorted, axis=-1)
-        logits = paddle.where(drop, paddle.full_like(logits, NEG_INF), logits)
+        # Keep a token if the mass of the tokens before it is below top_p (the top token is always kept);
+        # the kept set is every logit at or above the smallest kept sorted logit.
+        kept_sorted = (paddle.cumsum(probs, axis=-1) - probs) < top_p
+        cutoff = paddle.where(kept_sorted, sorted_logits, paddle.full_like(sorted_logits, float("inf")))
+        cutoff = cutoff.min(axis=-1, keepdim=True)
+        logits = paddle.where(logits < cutoff, paddle.full_like(logits, NEG_INF), logits)
     return logits
+
+
+def _pending_length(text, stop_strings):
+    """How many trailing characters to hold back from a stream: a byte-level token may end mid-character
+    (decoded as U+FFFD until its next byte arrives), and a suffix that begins a stop string may yet turn
+    into it (then it is never shown)."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    longest = max((len(s) for s in stop_strings), default=0)
+    for k in range(min(len(text), longest - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stop_strings):
+            return k
+    return 0
 
 
 class Generator:
@@ -178,12 +190,9 @@ class Generator:
                     if hit:
                         text = text[: text.index(hit)]
                         done[i] = True
-                    # Only emit text that is final: a byte-level token may end mid-character.
-                    if not done[i] and text.endswith("\ufffd"):
-                        pieces.append("")
-                        continue
-                    pieces.append(text[len(emitted_text[i]):])
-                    emitted_text[i] = text
+                    final = text if done[i] else text[: len(text) - _pending_length(text, sampling.stop_strings)]
+                    pieces.append(final[len(emitted_text[i]):])
+                    emitted_text[i] = final
                 yield pieces
                 if done.all():
                     break
@@ -191,7 +200,7 @@ class Generator:
                 step_pos = step_pos[:, -1:] + 1
                 step_ids = next_tokens.reshape(batch, 1).astype(np.int64)
                 num_new = 1
-            # Text held back because it ended mid-character is flushed at the end.
+            # Text held back (see _pending_length) is flushed at the end.
             tail = [self.tokenizer.decode(g)[len(e):] if not d else "" for g, e, d in zip(generated, emitted_text, done)]
             if any(tail):
                 yield tail

@@ -1,0 +1,116 @@
+"""Generation against plain recomputation: the KV cache, left padding and the decoding filters."""
+import numpy as np
+import paddle
+import pytest
+
+import ppzoo  # noqa: F401
+from ppzoo.errors import PpzooError
+from ppzoo.inference import Generator, SamplingConfig
+from ppzoo.inference.generate import apply_repetition_penalty, filter_top_k_top_p
+from ppzoo.models.chuxin.model import ChuXinConfig, ChuXinForCausalLM
+
+
+class CharTokenizer:
+    """A character tokenizer over Latin-1 (id = code point + 3), enough to drive the Generator."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+    vocab_size = 259
+
+    def encode(self, text, add_bos=False):
+        return ([self.bos_id] if add_bos else []) + [ord(c) + 3 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 3) for i in ids if i >= 3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    paddle.seed(0)
+    m = ChuXinForCausalLM(ChuXinConfig(vocab_size=259, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                       intermediate_size=128, max_position_embeddings=128, initializer_range=0.2))
+    m.eval()
+    return m
+
+
+def greedy_without_cache(model, ids, steps):
+    ids = list(ids)
+    out = []
+    for _ in range(steps):
+        logits = model(paddle.to_tensor([ids])).numpy()[0, -1]
+        token = int(np.argmax(logits))
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def test_cached_greedy_equals_full_recomputation(model):
+    tok = CharTokenizer()
+    prompt = "def f(x):"
+    expected = greedy_without_cache(model, tok.encode(prompt, add_bos=True), 12)
+    expected = [t for t in expected]
+    # Stop tokens off, so exactly 12 tokens come out whatever the random model prefers.
+    text = Generator(model, tok).generate(prompt, SamplingConfig(max_new_tokens=12, stop_token_ids=[]))
+    stop = next((i for i, t in enumerate(expected) if t < 3), len(expected))  # non-byte ids decode to ''
+    assert text == tok.decode(expected[:stop] + [t for t in expected[stop:] if t >= 3])
+
+
+def test_left_padding_does_not_change_a_row(model):
+    tok = CharTokenizer()
+    gen = Generator(model, tok)
+    sampling = SamplingConfig(max_new_tokens=8, stop_token_ids=[])
+    prompts = ["a much longer prompt here", "short"]
+    together = gen.generate(prompts, sampling)
+    alone = [gen.generate(p, sampling) for p in prompts]
+    assert together == alone
+
+
+def test_streaming_pieces_join_to_the_full_text(model):
+    tok = CharTokenizer()
+    gen = Generator(model, tok)
+    sampling = SamplingConfig(max_new_tokens=10, stop_token_ids=[])
+    pieces = [p[0] for p in gen.stream(["hello"], sampling)]
+    assert "".join(pieces) == gen.generate("hello", sampling)
+    assert len(pieces) >= 10
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    gen = Generator(model, CharTokenizer())
+    s = dict(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, stop_token_ids=[])
+    assert gen.generate("x", SamplingConfig(seed=3, **s)) == gen.generate("x", SamplingConfig(seed=3, **s))
+
+
+def test_stop_string_cuts_the_output(model):
+    tok = CharTokenizer()
+    gen = Generator(model, tok)
+    full = gen.generate("abc", SamplingConfig(max_new_tokens=12, stop_token_ids=[]))
+    assert len(full) >= 4
+    stop = full[2:4]
+    cut = gen.generate("abc", SamplingConfig(max_new_tokens=12, stop_token_ids=[], stop_strings=[stop]))
+    assert cut == full[: full.index(stop)]
+
+
+def test_top_k_top_p_filters():
+    logits = paddle.to_tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    kept = np.isfinite(filter_top_k_top_p(logits, 2, 1.0).numpy())[0]
+    assert kept.tolist() == [True, True, False, False, False]
+    probs = np.exp(logits.numpy()[0]) / np.exp(logits.numpy()[0]).sum()  # 0.636, 0.234, 0.086, ...
+    kept = np.isfinite(filter_top_k_top_p(logits, 0, 0.8).numpy())[0]
+    # The smallest prefix whose mass reaches 0.8 is the first two tokens (0.636 + 0.234 = 0.87).
+    assert probs[0] < 0.8 <= probs[0] + probs[1]
+    assert kept.tolist() == [True, True, False, False, False]
+
+
+def test_repetition_penalty_formula():
+    logits = paddle.to_tensor([[2.0, -2.0, 1.0]])
+    seen = paddle.to_tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, 2.0).numpy()[0]
+    np.testing.assert_allclose(out, [1.0, -4.0, 1.0])
+
+
+def test_prompt_longer_than_context_is_an_error_or_truncated(model):
+    gen = Generator(model, CharTokenizer())
+    long_prompt = "x" * 200
+    with pytest.raises(PpzooError, match="exceeds the model's context of 128"):
+        gen.generate(long_prompt, SamplingConfig(max_new_tokens=4))
+    out = gen.generate(long_prompt, SamplingConfig(max_new_tokens=4, stop_token_ids=[]), truncate=True)
+    assert isinstance(out, str)
