@@ -20,7 +20,7 @@ output/tokenizer/tokenizer.json: | $(VENV)/.runtime
 	$(PY) tools/train_tokenizer.py --out $@
 
 demo: $(VENV)/.runtime output/tokenizer/tokenizer.json
-	$(PY) tools/train.py -c configs/chuxin/tiny.yaml
+	$(PY) tools/train.py -c configs/chuxin/tiny.yaml --resume auto
 	$(PY) tools/infer.py --ckpt $(RUN) --prompts configs/chuxin/prompts.txt --max-new-tokens 48
 
 test: $(VENV)/.dev

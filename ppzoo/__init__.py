@@ -1,7 +1,8 @@
 """ppzoo: a PaddlePaddle-native zoo of large models and the methods published with them."""
-from ppzoo._cpu_defaults import apply_cpu_defaults
+from ppzoo._cpu_defaults import apply_cpu_defaults, import_paddle_quietly
 
 apply_cpu_defaults()  # before anything imports paddle
+import_paddle_quietly()
 
 # Registration happens on import: datasets, optimizers and schedules, then every model family.
 from ppzoo import data as _data  # noqa: E402,F401

@@ -128,6 +128,28 @@ def test_base_inheritance_three_levels_relative_to_each_file(tmp_path):
     assert cfg.source == str(top)
 
 
+@dataclass
+class _TestOtherDatasetConfig:
+    files: List[str] = field(default_factory=list)
+
+
+@register_dataset("_TestOtherDataset")
+class _TestOtherDataset:
+    config_class = _TestOtherDatasetConfig
+
+
+def test_derived_config_switching_dataset_does_not_inherit_its_arguments(tmp_path):
+    write(tmp_path / "base.yaml", MINIMAL + "Data:\n  Train:\n    dataset: _TestDataset\n    path: a.txt\n"
+          "    max_chars: 100\n  Eval:\n    dataset: _TestDataset\n    path: b.txt\n")
+    top = write(tmp_path / "top.yaml", "_base_: base.yaml\nData:\n  Train:\n    dataset: _TestOtherDataset\n"
+                "    files: [c.txt]\n  Eval:\n    dataset: _TestDataset\n    max_chars: 5\n")
+    cfg = load_config(top)
+    # Another dataset: the base's path/max_chars belong to _TestDataset's schema and are not carried over.
+    assert cfg.Data.Train == DatasetSection("_TestOtherDataset", _TestOtherDatasetConfig(files=["c.txt"]))
+    # The same dataset: its arguments merge as usual.
+    assert cfg.Data.Eval == DatasetSection("_TestDataset", _TestDatasetConfig(path="b.txt", max_chars=5))
+
+
 def test_list_of_bases_merged_in_order_then_the_file(tmp_path):
     write(tmp_path / "a.yaml", MINIMAL + "Engine:\n  max_steps: 1\n  logging_freq: 1\n  eval_iters: 1\n")
     write(tmp_path / "b.yaml", "Engine:\n  max_steps: 2\n  logging_freq: 2\n")

@@ -3,12 +3,7 @@
 Single-process tests cover the mp=1 path (must equal plain paddle layers) and the degree checks; one test
 launches two CPU processes and compares an mp=2 model with the same model computed here at mp=1.
 """
-import glob
 import importlib.util
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +26,9 @@ from ppzoo.distributed.tensor_parallel import (
 )
 from ppzoo.errors import ConfigError, PpzooError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, launch_failure_report, run_launch
+
 MP_CHECK_SCRIPT = REPO_ROOT / "tests" / "dist_scripts" / "mp_check.py"
-LAUNCH_TIMEOUT_SECONDS = 180
 
 
 def _load_mp_check():
@@ -245,44 +240,12 @@ def _reference_at_mp1(problem):
     return results
 
 
-def _launch_failure_report(log_dir, launcher_output, reason):
-    parts = [reason, "--- launcher output (tail) ---", launcher_output[-3000:]]
-    for path in sorted(glob.glob(os.path.join(log_dir, "workerlog.*"))):
-        with open(path, errors="replace") as f:
-            parts += [f"--- {os.path.basename(path)} (tail) ---", f.read()[-4000:]]
-    return "\n".join(parts)
-
-
 @pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason="checks the CPU (gloo) implementation")
 def test_mp2_under_launch_matches_mp1(tmp_path):
     log_dir, out_prefix = tmp_path / "log", tmp_path / "out"
-    env = dict(os.environ)
-    # CUDA_VISIBLE_DEVICES="" makes the launcher treat the empty string as one GPU label and fail with an
-    # IndexError for two processes; on a CPU-only build, leaving it unset selects CPU and gloo.
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"  # two workers share the cores
-    command = [
-        sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--max_restart", "0",
-        "--log_dir", str(log_dir), str(MP_CHECK_SCRIPT), str(out_prefix),
-    ]
-    # A new session, so a timeout can kill the launcher and both workers together (a rank that died
-    # leaves the other blocked in a collective).
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        launcher_output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        launcher_output, _ = process.communicate()
-        pytest.fail(_launch_failure_report(log_dir, launcher_output,
-                                           f"launch timed out after {LAUNCH_TIMEOUT_SECONDS} s"))
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    returncode, launcher_output = run_launch([MP_CHECK_SCRIPT, out_prefix], nproc=2, log_dir=log_dir)
     output_file = Path(str(out_prefix) + ".npz")
-    assert process.returncode == 0 and output_file.exists(), _launch_failure_report(
-        log_dir, launcher_output, f"launch exited with {process.returncode}")
+    assert returncode == 0 and output_file.exists(), launch_failure_report(log_dir, launcher_output, f"no {output_file}")
 
     distributed = dict(np.load(output_file))
     reference = _reference_at_mp1(_load_mp_check())

@@ -32,7 +32,8 @@ def main(argv=None):
               f"{cfg.Engine.accumulate_steps} x dp {engine.env.dp_size} | output {cfg.Engine.output_dir}", flush=True)
     result = engine.fit(resume=args.resume)
     if engine.is_main:
-        print(f"done: step {result['step']}, loss {result['loss']:.4f}"
+        print(f"done: step {result['step']}"
+              + (f", loss {result['loss']:.4f}" if result["loss"] is not None else " (nothing left to train)")
               + (f", eval loss {result['eval_loss']:.4f} (ppl {result['eval_ppl']:.1f})" if "eval_loss" in result else "")
               + f", checkpoint {result['checkpoint']}", flush=True)
     print_result(result)

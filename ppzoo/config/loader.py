@@ -120,11 +120,20 @@ def _record_origins(data: dict, origin: str, origins: Dict[KeyPath, str], prefix
             _record_origins(value, origin, origins, path)
 
 
+def _switches_dataset(base: dict, update: dict) -> bool:
+    """Whether `update` names a different dataset than `base` (e.g. a derived config's Data.Train moving from
+    BuiltinCorpus to TextFiles): the base's arguments belong to the other dataset's schema."""
+    return "dataset" in base and "dataset" in update and base["dataset"] != update["dataset"]
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
-    """`update` over `base`: mappings merge key by key, anything else replaces. Neither input is modified."""
+    """`update` over `base`: mappings merge key by key, anything else replaces. Neither input is modified.
+
+    A mapping that switches to another dataset replaces the base's mapping instead of inheriting its
+    arguments, which the other dataset would reject as unknown keys (and a derived file could not remove)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not _switches_dataset(merged[key], value):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value

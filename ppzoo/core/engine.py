@@ -202,14 +202,30 @@ class Engine:
             raise ConfigError(f"Data.Train is not set in {self.cfg.source}: there is nothing to train on.")
         # Resolve and verify the checkpoint before anything is written, so a bad --resume damages nothing.
         resume_path = ckpt.resolve_resume(resume, self.output_dir) if resume else None
+        existing = ckpt.list_checkpoints(self.output_dir) if not resume else []
+        if existing:
+            # A new run here would mix its checkpoints with the old ones: keep_last pruning counts both (and
+            # can delete the new run's checkpoint at once), and a later --resume auto would pick the old run's.
+            raise ConfigError(
+                f"Engine.output_dir {self.output_dir} already holds checkpoints of an earlier run (newest: "
+                f"{existing[-1]}). Continue that run with --resume auto, or start the new run in another "
+                "Engine.output_dir (or delete the old checkpoints first)."
+            )
         if resume_path:
             self.load_checkpoint(resume_path)
+            if self.step > cfg.max_steps:
+                raise ConfigError(
+                    f"{resume_path} is at step {self.step}, past Engine.max_steps={cfg.max_steps}. Set "
+                    f"Engine.max_steps above {self.step} to train on from it (keep Optimizer.lr.decay_steps as "
+                    "it was, or the schedule changes)."
+                )
         if self.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
             self._truncate_metrics(self.step)
         sampler = self._sampler()
         bar = self._progress_bar()
-        last, eval_metrics, saved = {}, {}, None
+        # Resuming a finished run trains nothing: the summary then names the checkpoint it already has.
+        last, eval_metrics, saved = {}, {}, resume_path
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < cfg.max_steps:
             logged = self.train_step(self.step, sampler)
@@ -226,8 +242,10 @@ class Engine:
                 self._log(logged, bar)
                 window_start = time.perf_counter()  # evaluation and logging do not count against throughput
             elif cfg.eval_freq and self.step % cfg.eval_freq == 0:
+                eval_started = time.perf_counter()
                 eval_metrics = self.evaluate()
                 self._log(dict(logged, **eval_metrics), bar)
+                window_start += time.perf_counter() - eval_started  # not counted against throughput either
             if (cfg.save_steps and self.step % cfg.save_steps == 0) or is_last:
                 saved = self.save_checkpoint()
             last = logged
@@ -286,7 +304,9 @@ class Engine:
         record = {"step": self.step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in logged.items()}}
         with open(os.path.join(self.output_dir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
-        shown = {"loss": f"{logged['loss']:.4f}", "lr": f"{logged['lr']:.2e}", "tok/s": f"{logged['tokens_per_sec']:.0f}"}
+        shown = {"loss": f"{logged['loss']:.4f}", "lr": f"{logged['lr']:.2e}"}
+        if "tokens_per_sec" in logged:  # absent from an evaluation step between logging steps
+            shown["tok/s"] = f"{logged['tokens_per_sec']:.0f}"
         if "eval_loss" in logged:
             shown["eval_loss"] = f"{logged['eval_loss']:.4f}"
         if bar is not None and not bar.disable:
@@ -321,7 +341,8 @@ class Engine:
         tmp = ckpt.temporary_dir(root, self.step)
         if self.env.dp_rank == 0:
             paddle.save(self.module.state_dict(), os.path.join(tmp, f"model.mp{r}.pdparams"))
-            paddle.save(self.optimizer.state_dict(), os.path.join(tmp, f"optimizer.mp{r}.pdopt"))
+            paddle.save(_rename_optimizer_state(self.optimizer.state_dict(), self._paddle_to_structured_names()),
+                        os.path.join(tmp, f"optimizer.mp{r}.pdopt"))
             paddle.save({"paddle": paddle.get_rng_state()}, os.path.join(tmp, f"rng.mp{r}.pdrng"))
         if self.is_main:
             np_state = np.random.get_state()
@@ -343,6 +364,9 @@ class Engine:
         self._barrier()
         return final or os.path.join(root, ckpt.step_dir_name(self.step))
 
+    def _paddle_to_structured_names(self):
+        return {param.name: name for name, param in self.module.named_parameters()}
+
     def load_checkpoint(self, path):
         """Restore model, optimizer, LR schedule, step (the data position follows from it) and random state."""
         state = ckpt.read_trainer_state(path)
@@ -353,7 +377,10 @@ class Engine:
             )
         r = self.env.mp_rank
         self.module.set_state_dict(paddle.load(os.path.join(path, f"model.mp{r}.pdparams")))
-        self.optimizer.set_state_dict(paddle.load(os.path.join(path, f"optimizer.mp{r}.pdopt")))
+        structured_to_paddle = {v: k for k, v in self._paddle_to_structured_names().items()}
+        self.optimizer.set_state_dict(
+            _rename_optimizer_state(paddle.load(os.path.join(path, f"optimizer.mp{r}.pdopt")), structured_to_paddle)
+        )
         paddle.set_rng_state(paddle.load(os.path.join(path, f"rng.mp{r}.pdrng"))["paddle"])
         py = state["python_random"]
         random.setstate((py[0], tuple(py[1]), py[2]))
@@ -361,6 +388,27 @@ class Engine:
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
         self.step = state["step"]
         return state
+
+
+def _rename_optimizer_state(state, names):
+    """The optimizer state dict with parameter names replaced by `names[old]`.
+
+    Paddle keys optimizer state by the parameters' unique names (`linear_3.w_0_moment1_0`), which depend on
+    how many layers the process created before the model. Checkpoints store the module's structured names
+    instead (`model.lm_head.weight_moment1_0`), so they load in any process, e.g. after another Engine was
+    built in the same one. Keys of neither form (LR_Scheduler) pass through.
+    """
+    by_length = sorted(names, key=len, reverse=True)  # "a.w_0" must not claim "a.w_0_x"'s state
+    renamed = {}
+    for key, value in state.items():
+        if key == "master_weights" and isinstance(value, dict):
+            value = {names.get(name, name): weight for name, weight in value.items()}
+        elif key != "LR_Scheduler":
+            old = next((name for name in by_length if key.startswith(name + "_")), None)
+            if old is not None:
+                key = names[old] + key[len(old):]
+        renamed[key] = value
+    return renamed
 
 
 def load_module_weights(module, path, mp_rank=0):

@@ -108,6 +108,19 @@ class _CopyToModelParallel(PyLayer):
         return _all_reduce(grad.clone(), ctx.mp_group)
 
 
+def copy_to_model_parallel(x, mp_group):
+    """Identity in forward; in backward, the sum of the ranks' gradients. For a replicated tensor that each
+    rank multiplies with its own shard of a weight outside the layers below (e.g. a tied lm head)."""
+    mode = tensor_parallel_mode(mp_group)
+    if mode == SINGLE:
+        return x
+    if mode == FLEET:
+        from paddle.distributed.fleet.layers.mpu import mp_ops
+
+        return mp_ops._c_identity(x, group=mp_group)
+    return _CopyToModelParallel.apply(x, mp_group)
+
+
 class _ReduceFromModelParallel(PyLayer):
     """Output of a row-parallel layer: the sum of the ranks' partial products; its gradient reaches every
     rank whole."""

@@ -15,6 +15,7 @@ from ppzoo.distributed.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    copy_to_model_parallel,
     mp_rank_of,
     mp_size_of,
 )
@@ -185,5 +186,8 @@ class ChuXinForCausalLM(nn.Layer):
         """Logits over this rank's share of the vocabulary ([b, s, vocab / mp])."""
         hidden = self.model(input_ids, position_ids, doc_ids, attn_mask, cache)
         if self.lm_head is None:
+            # Every rank multiplies the whole hidden state with its vocabulary shard of the embedding, so the
+            # hidden state's gradient is the sum of the ranks' partial gradients (as in ColumnParallelLinear).
+            hidden = copy_to_model_parallel(hidden, self.mp_group)
             return paddle.matmul(hidden, self.model.embed_tokens.weight, transpose_y=True)
         return self.lm_head(hidden)
