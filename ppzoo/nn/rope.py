@@ -58,6 +58,9 @@ class _RopeFunction(PyLayer):
     @staticmethod
     def backward(ctx, grad_out):
         cos, sin, rot = ctx.saved_tensor()
+        # The incoming gradient is usually a strided view (the transpose into attention's head-major layout);
+        # elementwise kernels on strided views are several times slower on CPU than one copy.
+        grad_out = grad_out.contiguous()
         # The rotation is orthogonal: the gradient through x @ R is g @ R^T.
         return grad_out * cos + paddle.matmul(grad_out * sin, rot, transpose_y=True)
 
