@@ -87,14 +87,19 @@ def clip_grad_norm(parameters, max_norm, mp_group=None):
     def sum_squares(grads):
         if not grads:
             return paddle.zeros([], dtype="float32")
-        return paddle.add_n([paddle.dot(g.astype("float32").flatten(), g.astype("float32").flatten()) for g in grads])
+        # One concatenated vector and one dot product: a kernel per parameter costs more than the copy.
+        flat = paddle.concat([g.reshape([-1]).astype("float32") if g.dtype != paddle.float32 else g.reshape([-1])
+                              for g in grads])
+        return paddle.dot(flat, flat)
+
     split_sq = sum_squares(grads_split)
     if mp_group is not None and mp_group.nranks > 1:
         paddle.distributed.all_reduce(split_sq, group=mp_group)
     total_norm = paddle.sqrt(split_sq + sum_squares(grads_replicated))
     if max_norm and max_norm > 0:
-        coef = paddle.clip(max_norm / (total_norm + 1e-6), max=1.0)
-        for p in parameters:
-            if p.grad is not None:
-                p.grad.multiply_(coef.astype(p.grad.dtype))
+        coef = max_norm / (float(total_norm) + 1e-6)
+        if coef < 1.0:
+            for p in parameters:
+                if p.grad is not None:
+                    p.grad.scale_(coef)
     return float(total_norm)

@@ -9,7 +9,6 @@ from typing import Optional
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from ppzoo.distributed.tensor_parallel import (
     ColumnParallelLinear,
@@ -20,6 +19,7 @@ from ppzoo.distributed.tensor_parallel import (
     mp_size_of,
 )
 from ppzoo.nn.attention import attention, packed_causal_mask, repeat_kv
+from ppzoo.nn.mlp import swiglu
 from ppzoo.nn.norm import RMSNorm
 from ppzoo.nn.rope import apply_rope, expand_for_heads, rope_cos_sin
 
@@ -94,7 +94,7 @@ class ChuXinMLP(nn.Layer):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, mp_group=mp_group)
 
     def forward(self, x):
-        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class ChuXinDecoderLayer(nn.Layer):
