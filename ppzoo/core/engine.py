@@ -24,7 +24,7 @@ from ppzoo.core.recompute import apply_recompute
 from ppzoo.data.datasets import build_dataset
 from ppzoo.data.sampler import DistributedBatchSampler, collate
 from ppzoo.data.tokenizer import Tokenizer
-from ppzoo.distributed.env import init_parallel_env
+from ppzoo.distributed.env import check_degrees, init_parallel_env
 from ppzoo.errors import CheckpointError, ConfigError
 from ppzoo.registry import MODULES
 
@@ -58,8 +58,12 @@ class Engine:
         self.cfg = cfg
         self.device = resolve_device(cfg.Global.device)
         paddle.set_device(self.device)
-        self.env = init_parallel_env(cfg.Distributed, self.device)
-        resolve_parallel_and_batch(cfg, self.env.world_size)
+        # The degrees are checked (what cannot run on this device says why) and the batch split resolved
+        # before fleet is initialized: a pipeline schedule needs the split.
+        check_degrees(cfg.Distributed, dist.get_world_size(), self.device)
+        resolve_parallel_and_batch(cfg, dist.get_world_size())
+        self.env = init_parallel_env(cfg.Distributed, self.device, pipeline_configs={
+            "micro_batch_size": cfg.Global.micro_batch_size, "accumulate_steps": cfg.Engine.accumulate_steps})
         self.is_main = self.env.rank == 0
         self.output_dir = cfg.Engine.output_dir
         seed_everything(cfg.Global.seed)
@@ -77,22 +81,40 @@ class Engine:
         if self.eval_dataset is None and cfg.Data.Eval is not None:
             self.eval_dataset = build_dataset(cfg.Data.Eval, self._require_tokenizer(), cfg.Data.seq_len)
 
-        if cfg.Engine.recompute:
-            apply_recompute(self.module.recompute_units())
+        # GPU hybrid parallelism (mp / pp / sharding over NCCL) goes through fleet's hybrid wrappers, whose
+        # optimizer clips by the norm across all groups; everywhere else ppzoo clips (clip_grad_norm).
+        self.fleet_hybrid = self.device == "gpu" and self.env.world_size > 1 and (
+            self.env.mp_size > 1 or self.env.pp_size > 1 or self.env.sharding_size > 1
+        )
+        if self.env.pp_size > 1:
+            from ppzoo.distributed.gpu_parallel import build_pipeline_layer
+
+            self.network = build_pipeline_layer(self.module, self.env, cfg.Engine.recompute)
+        else:
+            self.network = self.module
+            if cfg.Engine.recompute:
+                apply_recompute(self.module.recompute_units())
         self.amp = self._amp_settings()
         self.optimizer, self.lr_schedule = build_optimizer(
-            cfg.Optimizer, self.module.parameters(), cfg.Engine.max_steps
+            cfg.Optimizer, self.network.parameters(), cfg.Engine.max_steps, paddle_clip=self.fleet_hybrid
         )
         if self.amp["enable"] and self.amp["level"] == "O2":
-            self.module, self.optimizer = paddle.amp.decorate(
-                self.module, self.optimizer, level="O2", dtype=self.amp["dtype"]
+            self.network, self.optimizer = paddle.amp.decorate(
+                self.network, self.optimizer, level="O2", dtype=self.amp["dtype"]
             )
         self.scaler = (
             paddle.amp.GradScaler(init_loss_scaling=cfg.Engine.mix_precision.init_loss_scaling)
             if self.amp["enable"] and self.amp["dtype"] == "float16"
             else None
         )
-        self.model = self._wrap_data_parallel(self.module)
+        if self.fleet_hybrid:
+            from ppzoo.distributed.gpu_parallel import wrap_for_hybrid_parallel
+
+            self.model, self.optimizer, self.scaler = wrap_for_hybrid_parallel(
+                self.network, self.optimizer, self.scaler, self.env, cfg.Distributed.sharding_stage
+            )
+        else:
+            self.model = self._wrap_data_parallel(self.network)
         self.step = 0
 
     # ------------------------------------------------------------------------------------------ setup
@@ -165,6 +187,8 @@ class Engine:
     def train_step(self, step, sampler):
         """One optimizer step over accumulate_steps micro-batches; returns logged scalars."""
         micro_batches = sampler.indices_for_step(step)
+        if self.env.pp_size > 1:
+            return self._pipeline_train_step(micro_batches)
         accumulate = len(micro_batches)
         totals, tokens = {}, 0
         for index, indices in enumerate(micro_batches):
@@ -182,7 +206,9 @@ class Engine:
                 totals[name] = totals.get(name, 0.0) + float(value) / accumulate
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.Optimizer.grad_clip, self.env.mp_group)
+        grad_norm = None
+        if not self.fleet_hybrid:
+            grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.Optimizer.grad_clip, self.env.mp_group)
         lr = self.optimizer.get_lr()
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -192,8 +218,23 @@ class Engine:
         self.optimizer.clear_grad(set_to_zero=False)
         self.lr_schedule.step()
         logged = {name: self._mean_over_dp(value) for name, value in totals.items()}
-        logged.update(lr=lr, grad_norm=grad_norm, tokens=tokens * self.env.dp_size * self.env.sharding_size)
+        logged.update(lr=lr, tokens=tokens * self.env.dp_size * self.env.sharding_size)
+        if grad_norm is not None:
+            logged["grad_norm"] = grad_norm
         return logged
+
+    def _pipeline_train_step(self, micro_batches):
+        """GPU pipeline parallel: fleet's schedule runs the step's micro-batches itself."""
+        from ppzoo.distributed.gpu_parallel import pipeline_train_step
+
+        indices = [i for micro in micro_batches for i in micro]
+        batch = to_tensors(collate([self.train_dataset[i] for i in indices]))
+        lr = self.optimizer.get_lr()
+        with self._autocast():
+            loss = pipeline_train_step(self.model, batch, self.optimizer, self.scaler)
+        self.lr_schedule.step()
+        return {"loss": self._mean_over_dp(loss), "lr": lr,
+                "tokens": self.module.tokens_in_batch(batch) * self.env.dp_size * self.env.sharding_size}
 
     def fit(self, resume=None):
         """Train to Engine.max_steps; returns a summary dict (also the tool's JSON result)."""
@@ -334,16 +375,16 @@ class Engine:
 
     def save_checkpoint(self):
         """Write checkpoint step_XXXXXXXX (see ppzoo.core.checkpoint); returns its path."""
-        root, r = self.output_dir, self.env.mp_rank
+        root, r = self.output_dir, self._shard_name()
         if self.is_main:
             ckpt.begin(root, self.step)
         self._barrier()
         tmp = ckpt.temporary_dir(root, self.step)
         if self.env.dp_rank == 0:
-            paddle.save(self.module.state_dict(), os.path.join(tmp, f"model.mp{r}.pdparams"))
+            paddle.save(self.network.state_dict(), os.path.join(tmp, f"model.{r}.pdparams"))
             paddle.save(_rename_optimizer_state(self.optimizer.state_dict(), self._paddle_to_structured_names()),
-                        os.path.join(tmp, f"optimizer.mp{r}.pdopt"))
-            paddle.save({"paddle": paddle.get_rng_state()}, os.path.join(tmp, f"rng.mp{r}.pdrng"))
+                        os.path.join(tmp, f"optimizer.{r}.pdopt"))
+            paddle.save({"paddle": paddle.get_rng_state()}, os.path.join(tmp, f"rng.{r}.pdrng"))
         if self.is_main:
             np_state = np.random.get_state()
             state = {
@@ -365,7 +406,17 @@ class Engine:
         return final or os.path.join(root, ckpt.step_dir_name(self.step))
 
     def _paddle_to_structured_names(self):
-        return {param.name: name for name, param in self.module.named_parameters()}
+        return {param.name: name for name, param in self.network.named_parameters()}
+
+    def _shard_name(self):
+        """This rank's part of a checkpoint: `mp0` on one process; pipeline stages and optimizer-state
+        shards (GPU) add `.pp1` / `.sh1`. Data-parallel replicas are identical and share one file."""
+        name = f"mp{self.env.mp_rank}"
+        if self.env.pp_size > 1:
+            name += f".pp{self.env.pp_rank}"
+        if self.env.sharding_size > 1:
+            name += f".sh{self.env.sharding_rank}"
+        return name
 
     def load_checkpoint(self, path):
         """Restore model, optimizer, LR schedule, step (the data position follows from it) and random state."""
@@ -375,13 +426,13 @@ class Engine:
                 f"{path} was saved with Distributed.mp_degree={state.get('mp_size')} but this run uses "
                 f"mp_degree={self.env.mp_size}; resume with the same tensor-parallel degree."
             )
-        r = self.env.mp_rank
-        self.module.set_state_dict(paddle.load(os.path.join(path, f"model.mp{r}.pdparams")))
+        r = self._shard_name()
+        self.network.set_state_dict(paddle.load(os.path.join(path, f"model.{r}.pdparams")))
         structured_to_paddle = {v: k for k, v in self._paddle_to_structured_names().items()}
         self.optimizer.set_state_dict(
-            _rename_optimizer_state(paddle.load(os.path.join(path, f"optimizer.mp{r}.pdopt")), structured_to_paddle)
+            _rename_optimizer_state(paddle.load(os.path.join(path, f"optimizer.{r}.pdopt")), structured_to_paddle)
         )
-        paddle.set_rng_state(paddle.load(os.path.join(path, f"rng.mp{r}.pdrng"))["paddle"])
+        paddle.set_rng_state(paddle.load(os.path.join(path, f"rng.{r}.pdrng"))["paddle"])
         py = state["python_random"]
         random.setstate((py[0], tuple(py[1]), py[2]))
         np_state = state["numpy_random"]

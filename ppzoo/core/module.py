@@ -31,6 +31,11 @@ class Module(nn.Layer):
         """For text generators: the causal LM that ppzoo.inference.Generator drives."""
         raise NotImplementedError(f"{type(self).__name__} does not generate text")
 
+    def pipeline_description(self):
+        """For pipeline parallelism (GPU): ([(layer class, args, kwargs), ...], loss layer) in stage order;
+        see ppzoo.distributed.gpu_parallel."""
+        raise NotImplementedError(f"{type(self).__name__} does not support pipeline parallelism")
+
     def recompute_units(self):
         """The sub-layers the Engine may wrap in activation recompute (e.g. the decoder layers)."""
         return []

@@ -45,9 +45,11 @@ def _no_decay(param):
 
 
 @register_optimizer("AdamW")
-def build_adamw(opt_cfg, parameters, lr_schedule):
+def build_adamw(opt_cfg, parameters, lr_schedule, paddle_clip=False):
     # Gradient clipping is done by the Engine (clip_grad_norm), which knows which parameters are split
-    # across tensor-parallel ranks; Paddle's ClipGradByGlobalNorm would count only the local shards.
+    # across tensor-parallel ranks, except under fleet's GPU hybrid optimizer (paddle_clip=True), whose
+    # ClipGradByGlobalNorm handling sums the norm over the mp / pp / sharding groups itself.
+    clip = paddle.nn.ClipGradByGlobalNorm(opt_cfg.grad_clip) if paddle_clip and opt_cfg.grad_clip > 0 else None
     decay_names = {p.name for p in parameters if not _no_decay(p)}
     return paddle.optimizer.AdamW(
         learning_rate=lr_schedule,
@@ -57,10 +59,11 @@ def build_adamw(opt_cfg, parameters, lr_schedule):
         epsilon=opt_cfg.epsilon,
         weight_decay=opt_cfg.weight_decay,
         apply_decay_param_fun=lambda name: name in decay_names,
+        grad_clip=clip,
     )
 
 
-def build_optimizer(opt_cfg, parameters, max_steps):
+def build_optimizer(opt_cfg, parameters, max_steps, paddle_clip=False):
     lr_cfg = opt_cfg.lr
     schedule_cls = LR_SCHEDULES.get(lr_cfg.name, where="Optimizer.lr.name")
     schedule = schedule_cls(
@@ -69,7 +72,7 @@ def build_optimizer(opt_cfg, parameters, max_steps):
         warmup_steps=lr_cfg.warmup_steps,
         decay_steps=lr_cfg.decay_steps if lr_cfg.decay_steps is not None else max_steps,
     )
-    optimizer = OPTIMIZERS.get(opt_cfg.name, where="Optimizer.name")(opt_cfg, list(parameters), schedule)
+    optimizer = OPTIMIZERS.get(opt_cfg.name, where="Optimizer.name")(opt_cfg, list(parameters), schedule, paddle_clip)
     return optimizer, schedule
 
 

@@ -27,6 +27,8 @@ class ParallelEnv:
     mp_rank: int = 0
     mp_size: int = 1
     pp_size: int = 1
+    pp_rank: int = 0
+    sharding_rank: int = 0
     sharding_size: int = 1
     device: str = "cpu"  # cpu | gpu
     backend: str = "gloo"  # gloo | nccl
@@ -88,8 +90,11 @@ def check_degrees(dist_cfg, world_size: int, device: str) -> None:
         )
 
 
-def init_parallel_env(dist_cfg, device: str) -> ParallelEnv:
-    """Check the Distributed section against the launched world and set up the communication groups."""
+def init_parallel_env(dist_cfg, device: str, pipeline_configs=None) -> ParallelEnv:
+    """Check the Distributed section against the launched world and set up the communication groups.
+
+    `pipeline_configs` ({"micro_batch_size", "accumulate_steps"}) is passed to fleet when pp_degree > 1 (GPU):
+    the pipeline schedule splits each step's batch into that many micro-batches."""
     import paddle.distributed as dist
 
     # Before any init this reads PADDLE_TRAINERS_NUM, which the launcher sets; 1 without the launcher.
@@ -109,6 +114,8 @@ def init_parallel_env(dist_cfg, device: str) -> ParallelEnv:
         "pp_degree": dist_cfg.pp_degree,
         "sharding_degree": dist_cfg.sharding_degree,
     }
+    if dist_cfg.pp_degree > 1 and pipeline_configs:
+        strategy.pipeline_configs = dict(pipeline_configs)
     # Measured on CPU with gloo: the hybrid init succeeds and hcg.get_model_parallel_group() is a working
     # gloo group (all_reduce SUM/MAX, all_gather), so no hand-made new_group() is needed.
     fleet.init(is_collective=True, strategy=strategy)
@@ -127,6 +134,8 @@ def init_parallel_env(dist_cfg, device: str) -> ParallelEnv:
         hcg=hcg,
         dp_group=hcg.get_data_parallel_group(),
         mp_group=hcg.get_model_parallel_group(),
+        pp_rank=hcg.get_stage_id(),
+        sharding_rank=hcg.get_sharding_parallel_rank(),
     )
 
 

@@ -110,6 +110,28 @@ class ChuXinDecoderLayer(nn.Layer):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def attention_inputs(config, attn, position_ids, doc_ids=None, attn_mask=None, dtype="float32"):
+    """RoPE tables and the additive mask for every layer of one forward.
+
+    Built once per forward, already at the attention's full shape, and shared by all layers (see
+    expand_for_heads). Positions need not restart at document boundaries: RoPE scores depend only on
+    relative positions, and the mask keeps documents apart."""
+    b = position_ids.shape[0]
+    cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, config.rope_position_scale)
+    rope = (
+        expand_for_heads(cos, attn.local_heads, dtype),
+        expand_for_heads(sin, attn.local_heads, dtype),
+        expand_for_heads(cos, attn.local_kv_heads, dtype),
+        expand_for_heads(sin, attn.local_kv_heads, dtype),
+    )
+    mask = attn_mask
+    if mask is None and doc_ids is not None:
+        mask = packed_causal_mask(doc_ids)
+    if mask is not None:
+        mask = mask.astype(dtype).expand([b, attn.local_heads, mask.shape[-2], mask.shape[-1]])
+    return rope, mask
+
+
 class ChuXinModel(nn.Layer):
     """The decoder stack: token ids -> final hidden states."""
 
@@ -129,23 +151,7 @@ class ChuXinModel(nn.Layer):
             start = cache.length if cache is not None else 0
             position_ids = paddle.arange(start, start + s, dtype="int64").unsqueeze(0).expand([b, s])
         x = self.embed_tokens(input_ids)
-        # RoPE tables and the mask are built once per forward, already at the attention's full shape,
-        # and shared by every layer (see expand_for_heads).
-        cos, sin = rope_cos_sin(
-            position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_position_scale
-        )
-        attn = self.layers[0].self_attn
-        rope = (
-            expand_for_heads(cos, attn.local_heads, x.dtype),
-            expand_for_heads(sin, attn.local_heads, x.dtype),
-            expand_for_heads(cos, attn.local_kv_heads, x.dtype),
-            expand_for_heads(sin, attn.local_kv_heads, x.dtype),
-        )
-        mask = attn_mask
-        if mask is None and doc_ids is not None:
-            mask = packed_causal_mask(doc_ids)
-        if mask is not None:
-            mask = mask.astype(x.dtype).expand([b, attn.local_heads, mask.shape[-2], mask.shape[-1]])
+        rope, mask = attention_inputs(self.config, self.layers[0].self_attn, position_ids, doc_ids, attn_mask, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i)
         return self.norm(x)

@@ -36,6 +36,11 @@ class ChuXinModule(Module):
         """The causal LM that generation drives (forward(input_ids, position_ids, attn_mask, cache))."""
         return self.model
 
+    def pipeline_description(self):
+        from ppzoo.models.chuxin.pipeline import pipeline_description
+
+        return pipeline_description(self.config, self.mp_group)
+
     def recompute_units(self):
         return list(self.model.model.layers)
 
