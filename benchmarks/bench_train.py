@@ -77,7 +77,7 @@ def torch_step(model, opt, batch, grad_clip):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round and framework")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("-o", "--override", action="append", default=[])
     args = parser.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
