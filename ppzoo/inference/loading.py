@@ -1,7 +1,8 @@
 """Load a trained checkpoint for inference: its config, tokenizer and weights, on one process.
 
 A checkpoint saved with tensor parallelism (model.mp0..mpN) is merged back to the full layout here, using
-each parameter's `mp_split_axis`, so any checkpoint serves on a single device.
+each parameter's `mp_split_axis`, so any checkpoint serves on a single device. A Hugging Face LLaMA
+directory (config.json + safetensors, no ppzoo manifest) loads too, as a ChuXin model.
 """
 import os
 
@@ -11,6 +12,7 @@ from ppzoo.config import config_from_dict
 from ppzoo.core import checkpoint as ckpt
 from ppzoo.data.tokenizer import Tokenizer
 from ppzoo.errors import CheckpointError
+from ppzoo.models.chuxin import hf_checkpoint
 from ppzoo.registry import MODULES
 
 
@@ -28,9 +30,15 @@ def merged_state_dict(path, module, mp_size):
 
 
 def load_checkpoint_for_inference(path):
-    """(module in eval mode, tokenizer, config) from a checkpoint directory written by the Engine."""
+    """(module in eval mode, tokenizer, config) from a checkpoint directory written by the Engine, or from a
+    Hugging Face LLaMA directory."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"{path} is not a checkpoint directory (expected output_dir/step_XXXXXXXX).")
+        raise CheckpointError(
+            f"{path} is not a checkpoint directory (expected output_dir/step_XXXXXXXX or a Hugging Face model "
+            f"directory)."
+        )
+    if hf_checkpoint.is_hf_checkpoint(path):
+        return hf_checkpoint.load_hf_for_inference(path)
     if not os.path.exists(os.path.join(path, ckpt.MANIFEST)) and ckpt.list_checkpoints(path):
         path = ckpt.resolve_resume("auto", path)  # a run's output directory: its newest checkpoint
     ckpt.verify(path)

@@ -42,7 +42,8 @@ def chuxin_config_from_hf(hf_config):
         num_kv_heads=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
         intermediate_size=hf_config["intermediate_size"],
         max_position_embeddings=hf_config.get("max_position_embeddings", 4096),
-        rope_theta=float(hf_config.get("rope_theta", 10000.0)),
+        # transformers 5 nests it in rope_parameters; older versions write it at the top level.
+        rope_theta=float((hf_config.get("rope_parameters") or {}).get("rope_theta", hf_config.get("rope_theta", 10000.0))),
         rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
         initializer_range=float(hf_config.get("initializer_range", 0.02)),
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
