@@ -1,7 +1,8 @@
-"""Generate text from a trained checkpoint, streaming it to the terminal.
+"""Generate text from a trained checkpoint or an exported model, streaming it to the terminal.
 
     python tools/infer.py --ckpt output/chuxin_tiny/step_00000300 --prompt "def fibonacci(n):"
     python tools/infer.py --ckpt ... --prompts prompts.txt --temperature 0.8 --top-p 0.9
+    python tools/infer.py --model exported/chuxin_tiny --prompt "def fibonacci(n):"   (from tools/export.py)
 """
 import sys
 from pathlib import Path
@@ -12,13 +13,16 @@ import ppzoo  # noqa: E402  (first: sets CPU threading defaults before Paddle lo
 from ppzoo.cli import print_result, run  # noqa: E402
 from ppzoo.errors import PpzooError  # noqa: E402
 from ppzoo.inference import Generator, SamplingConfig, load_checkpoint_for_inference  # noqa: E402
+from ppzoo.inference.predictor import ExportedKVCache, load_exported  # noqa: E402
 
 import argparse  # noqa: E402
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory written by tools/train.py")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="checkpoint directory written by tools/train.py")
+    model.add_argument("--model", help="exported model directory written by tools/export.py (Paddle Inference)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="a text file with one prompt per line")
@@ -49,10 +53,16 @@ def read_prompts(args):
 def main(argv=None):
     args = parse_args(argv)
     prompts = read_prompts(args)
-    module, tokenizer, cfg = load_checkpoint_for_inference(args.ckpt)
-    if tokenizer is None:
-        raise PpzooError(f"{args.ckpt} has no tokenizer.json; it was trained without Data.tokenizer.")
-    generator = Generator(module.language_model(), tokenizer)
+    if args.model is not None:
+        model, tokenizer, _ = load_exported(args.model)
+        generator = Generator(model, tokenizer, cache_factory=ExportedKVCache)
+        source = {"model": args.model}
+    else:
+        module, tokenizer, cfg = load_checkpoint_for_inference(args.ckpt)
+        if tokenizer is None:
+            raise PpzooError(f"{args.ckpt} has no tokenizer.json; it was trained without Data.tokenizer.")
+        generator = Generator(module.language_model(), tokenizer)
+        source = {"checkpoint": args.ckpt}
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop_strings=args.stop, seed=args.seed,
@@ -69,7 +79,7 @@ def main(argv=None):
             text += pieces[0]
         print("\n", flush=True)
         outputs.append({"prompt": prompt, "completion": text})
-    print_result({"checkpoint": args.ckpt, "outputs": outputs})
+    print_result({**source, "outputs": outputs})
     return 0
 
 
