@@ -14,7 +14,7 @@ from ppzoo.data.corpus import builtin_texts
 from ppzoo.data.tokenizer import train_byte_level_bpe
 from ppzoo.errors import CheckpointError, PpzooError
 from ppzoo.inference import DenseKVCache, Generator, SamplingConfig
-from ppzoo.inference.export import INPUT_NAMES, METADATA_FILE, OUTPUT_NAMES, export_language_model
+from ppzoo.inference.export import METADATA_FILE, cache_names, export_language_model, input_names, output_names
 from ppzoo.inference.predictor import (
     ExportedKVCache,
     ExportedLanguageModel,
@@ -64,10 +64,14 @@ def test_export_writes_the_files_and_metadata(exported):
     assert {"model.json", "model.pdiparams", METADATA_FILE, "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temporary directory left behind
     meta = json.loads((out / METADATA_FILE).read_text())
-    assert [i["name"] for i in meta["inputs"]] == list(INPUT_NAMES)
-    assert [o["name"] for o in meta["outputs"]] == list(OUTPUT_NAMES)
+    assert [i["name"] for i in meta["inputs"]] == input_names(2) == [
+        "input_ids", "position_ids", "attn_mask", "past_key_0", "past_key_1", "past_value_0", "past_value_1"]
+    assert [o["name"] for o in meta["outputs"]] == output_names(2) == [
+        "logits", "present_key_0", "present_key_1", "present_value_0", "present_value_1"]
+    assert meta["format_version"] == 2
     assert meta["cache"] == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16,
-                             "layout": "[layers, b, kv_heads, positions, head_dim]"}
+                             "layout": "per layer: [b, kv_heads, positions, head_dim]"}
+    assert meta["inputs"][3]["shape"] == ["b", 2, "past", 16]
     assert config_from_dict(meta["config"]).Model == cfg.Model
     assert meta["files"]["model.pdiparams"]["bytes"] == (out / "model.pdiparams").stat().st_size
 
@@ -84,24 +88,28 @@ def test_prefill_and_decode_match_eager(exported, predictor):
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
     mask = Generator._attention_mask(valid, 9).numpy()
     c = cfg.Model
-    past = np.zeros((c.num_layers, 2, c.num_kv_heads, 0, c.head_dim), dtype=np.float32)
-    feeds = {"input_ids": ids, "position_ids": positions, "attn_mask": mask, "past_keys": past, "past_values": past}
+    past_names = sum(cache_names("past", c.num_layers), [])
+    present_names = sum(cache_names("present", c.num_layers), [])
+    empty = np.zeros((2, c.num_kv_heads, 0, c.head_dim), dtype=np.float32)
+    feeds = {"input_ids": ids, "position_ids": positions, "attn_mask": mask, **{name: empty for name in past_names}}
     cache = DenseKVCache()
     for step in range(3):
         out = predictor.run_numpy(feeds)
         want = eager_step(lm, feeds["input_ids"], feeds["position_ids"], feeds["attn_mask"], cache)
         assert out["logits"].shape == (2, 1, c.vocab_size)
         np.testing.assert_allclose(out["logits"], want, rtol=1e-4, atol=1e-4)
-        for name, stored in (("present_keys", cache.keys), ("present_values", cache.values)):
-            eager_cache = np.stack([stored[i].numpy().transpose(0, 2, 1, 3) for i in range(c.num_layers)])
-            np.testing.assert_allclose(out[name], eager_cache, rtol=1e-4, atol=1e-5)
+        for kind, stored in (("key", cache.keys), ("value", cache.values)):
+            for i in range(c.num_layers):  # per layer, head-major: the eager cache's [b, s, h, d] transposed
+                got = out[f"present_{kind}_{i}"]
+                assert got.shape == (2, c.num_kv_heads, stored[i].shape[1], c.head_dim)
+                np.testing.assert_allclose(got, stored[i].numpy().transpose(0, 2, 1, 3), rtol=1e-4, atol=1e-5)
         # Next: two new positions after the prefill (a chunk against a non-empty past), then one (decode).
         n = 2 if step == 0 else 1
         next_ids = np.repeat(want.argmax(-1).astype(np.int64), n, axis=1)
         valid = np.concatenate([valid, np.ones((2, n), dtype=bool)], axis=1)
         feeds = {"input_ids": next_ids, "position_ids": feeds["position_ids"][:, -1:] + 1 + np.arange(n),
                  "attn_mask": Generator._attention_mask(valid, n).numpy(),
-                 "past_keys": out["present_keys"], "past_values": out["present_values"]}
+                 **{p: out[q] for p, q in zip(past_names, present_names)}}
 
 
 class IdsAsText:
@@ -135,6 +143,34 @@ def test_greedy_generation_is_token_identical_to_eager(exported):
     assert text == Generator(module.language_model(), tokenizer).generate(prompts[1], sampling)
 
 
+def test_repeated_and_interleaved_decoding_stay_exact(exported, predictor):
+    """A predictor writes its outputs into buffers it reuses in place when they are large enough, and the
+    presents fed back are such outputs. Decoding the same rows again (buffers now large: this failed with
+    a single predictor) and two caches decoding in turn must still match the eager model."""
+    module, _, _, _ = exported
+    lm = module.language_model()
+    model = ExportedLanguageModel(predictor)
+    ids = np.random.default_rng(3).integers(4, 300, size=(2, 21)).astype(np.int64)
+    spans = [(0, 9)] + [(i, i + 1) for i in range(9, 21)]  # a prefill, then single positions
+
+    def decode(call, cache):
+        for start, stop in spans:
+            logits = call(ids[:, start:stop], cache)
+            cache.advance(stop - start)
+            yield logits
+
+    with paddle.no_grad():
+        want = [l[:, -1:].numpy() for l in decode(lambda x, c: lm(paddle.to_tensor(x), cache=c), DenseKVCache())]
+    for _ in range(3):
+        got = [l.numpy() for l in decode(lambda x, c: model(x, cache=c), ExportedKVCache())]
+        np.testing.assert_allclose(np.stack(got), np.stack(want), rtol=1e-4, atol=1e-4)
+    first = decode(lambda x, c: model(x, cache=c), ExportedKVCache())
+    second = decode(lambda x, c: model(x, cache=c), ExportedKVCache())
+    for a, b, w in zip(first, second, want):
+        np.testing.assert_allclose(a.numpy(), w, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(b.numpy(), w, rtol=1e-4, atol=1e-4)
+
+
 def test_cache_reorder_and_defaults(exported, predictor):
     """ExportedKVCache.reorder keeps the chosen rows; without positions or mask the model counts positions
     from the cache and masks causally, like the eager model."""
@@ -156,6 +192,8 @@ def test_cache_reorder_and_defaults(exported, predictor):
     assert causal_mask(1, 2, 1).tolist() == [[[[0.0, 0.0, float("-inf")], [0.0, 0.0, 0.0]]]]
     with pytest.raises(TypeError, match="cache_factory=ExportedKVCache"):
         model(ids, cache=DenseKVCache())
+    with pytest.raises(ValueError, match="logits_to_keep=1"):
+        model(ids, logits_to_keep=0)
 
 
 @pytest.mark.parametrize("damage", ["missing_params", "truncated_params", "corrupt_metadata", "missing_tokenizer"])

@@ -5,7 +5,7 @@ import pytest
 
 import ppzoo  # noqa: F401
 from ppzoo.errors import PpzooError
-from ppzoo.inference import Generator, SamplingConfig
+from ppzoo.inference import DenseKVCache, Generator, PreallocatedKVCache, SamplingConfig
 from ppzoo.inference.generate import apply_repetition_penalty, filter_top_k_top_p
 from ppzoo.models.chuxin.model import ChuXinConfig, ChuXinForCausalLM
 
@@ -114,3 +114,47 @@ def test_prompt_longer_than_context_is_an_error_or_truncated(model):
         gen.generate(long_prompt, SamplingConfig(max_new_tokens=4))
     out = gen.generate(long_prompt, SamplingConfig(max_new_tokens=4, stop_token_ids=[]), truncate=True)
     assert isinstance(out, str)
+
+
+def test_preallocated_cache_generates_what_the_dense_cache_does(model):
+    """Left-padded batch, grouped KV heads (the fixture has 2 for 4 query heads), a block size small enough
+    that the buffers grow several times while decoding."""
+    tok = CharTokenizer()
+    sampling = SamplingConfig(max_new_tokens=12, stop_token_ids=[])
+    prompts = ["a much longer prompt here", "short"]
+    dense = Generator(model, tok, cache_factory=DenseKVCache).generate(prompts, sampling)
+    grows = Generator(model, tok, cache_factory=lambda: PreallocatedKVCache(block_size=4)).generate(prompts, sampling)
+    assert grows == dense
+    assert Generator(model, tok, cache_factory=PreallocatedKVCache).generate(prompts, sampling) == dense
+
+
+def test_preallocated_cache_logits_reorder_and_limit(model):
+    """Logits against the dense cache for a prefill without a mask (causal default), a 3-position chunk
+    and single steps; then reorder keeps the chosen rows; max_length is enforced."""
+    ids = paddle.to_tensor(np.random.default_rng(0).integers(3, 259, size=(2, 12)))
+    dense, pre = DenseKVCache(), PreallocatedKVCache(block_size=5)
+    with paddle.no_grad():
+        for start, stop in ((0, 6), (6, 9), (9, 10), (10, 11)):
+            want = model(ids[:, start:stop], cache=dense).numpy()
+            got = model(ids[:, start:stop], cache=pre).numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            dense.advance(stop - start)
+            pre.advance(stop - start)
+        assert pre.capacity == 15  # 11 positions, in blocks of 5
+        dense.reorder([1])
+        pre.reorder([1])
+        np.testing.assert_allclose(model(ids[1:, 11:], cache=pre).numpy(), model(ids[1:, 11:], cache=dense).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="at most 4 positions"):
+            model(ids[:, :5], cache=PreallocatedKVCache(max_length=4))
+
+
+def test_logits_to_keep_computes_only_the_last_positions(model):
+    ids = paddle.to_tensor(np.random.default_rng(1).integers(3, 259, size=(2, 7)))
+    with paddle.no_grad():
+        full = model(ids).numpy()
+        last = model(ids, logits_to_keep=1).numpy()
+        last3 = model(ids, logits_to_keep=3).numpy()
+    assert last.shape == (2, 1, 259) and last3.shape == (2, 3, 259)
+    np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(last3, full[:, -3:], rtol=1e-5, atol=1e-5)

@@ -6,10 +6,10 @@ import pytest
 
 import ppzoo  # noqa: F401
 from ppzoo.nn import norm as norm_module
-from ppzoo.nn.attention import attention, packed_causal_mask
+from ppzoo.nn.attention import attention, attention_heads_first, packed_causal_mask, repeat_kv
 from ppzoo.nn.mlp import swiglu
 from ppzoo.nn.norm import RMSNorm, rms_norm_reference
-from ppzoo.nn.rope import apply_rope, apply_rope_reference, expand_for_heads, rope_cos_sin
+from ppzoo.nn.rope import apply_rope, apply_rope_reference, expand_for_heads, rope_cos_sin, rotary_tables
 
 
 def grads_of(fn, *inputs, weight=None):
@@ -86,3 +86,37 @@ def test_attention_matches_sdpa_and_masks_documents():
     packed = attention(q, k, v, additive_mask=packed_causal_mask(doc_ids)).numpy()
     alone = attention(q[:, 5:], k[:, 5:], v[:, 5:]).numpy()
     np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
+
+
+def test_rope_as_one_matrix_per_row_matches_the_tables():
+    """A decode step (one position per row) rotates with one [d, d] matrix per row; same result as the
+    cos/sin tables, with the query scale folded in."""
+    b, h, d = 3, 4, 8
+    positions = paddle.to_tensor([[0], [5], [77]])
+    cos, sin = rope_cos_sin(positions, d, theta=500.0)
+    q_tables, k_tables = rotary_tables(cos, sin, h, 2, paddle.float32, q_scale=0.25)
+    assert q_tables.matrix is not None and k_tables.matrix is not None
+    q, k = leaf([b, 1, h, d], seed=4), leaf([b, 1, 2, d], seed=5)
+    want_q = apply_rope_reference(q, expand_for_heads(cos, h, paddle.float32), expand_for_heads(sin, h, paddle.float32))
+    want_k = apply_rope_reference(k, expand_for_heads(cos, 2, paddle.float32), expand_for_heads(sin, 2, paddle.float32))
+    np.testing.assert_allclose(q_tables.rotate(q).numpy(), 0.25 * want_q.numpy(), atol=1e-6)
+    np.testing.assert_allclose(k_tables.rotate(k).numpy(), want_k.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("s", [1, 5])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("mask_heads", [1, 4])
+def test_attention_over_head_major_keys_matches_attention(s, kv_heads, mask_heads):
+    """attention_heads_first (k/v [b, kv_heads, sk, d], grouped heads not repeated) against attention() on
+    repeated, position-major k/v, with a padding-style mask per row."""
+    b, h, d, sk = 2, 4, 8, 9
+    q = leaf([b, s, h, d], seed=6)
+    k, v = leaf([b, sk, kv_heads, d], seed=7), leaf([b, sk, kv_heads, d], seed=8)
+    allowed = np.tril(np.ones((s, sk), dtype=bool), k=sk - s)[None].repeat(b, 0)
+    allowed[1, :, :3] = False  # row 1: three padding keys
+    mask = np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]
+    mask = paddle.to_tensor(np.repeat(mask, mask_heads, axis=1))
+    n_rep = h // kv_heads
+    want = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), additive_mask=mask).numpy()
+    got = attention_heads_first(q, k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3]), mask).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)

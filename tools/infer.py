@@ -12,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import ppzoo  # noqa: E402  (first: sets CPU threading defaults before Paddle loads)
 from ppzoo.cli import print_result, run  # noqa: E402
 from ppzoo.errors import PpzooError  # noqa: E402
-from ppzoo.inference import Generator, SamplingConfig, load_checkpoint_for_inference  # noqa: E402
+from ppzoo.inference import (  # noqa: E402
+    Generator, PreallocatedKVCache, SamplingConfig, load_checkpoint_for_inference,
+)
 from ppzoo.inference.predictor import ExportedKVCache, load_exported  # noqa: E402
 
 import argparse  # noqa: E402
@@ -61,7 +63,8 @@ def main(argv=None):
         module, tokenizer, cfg = load_checkpoint_for_inference(args.ckpt)
         if tokenizer is None:
             raise PpzooError(f"{args.ckpt} has no tokenizer.json; it was trained without Data.tokenizer.")
-        generator = Generator(module.language_model(), tokenizer)
+        # Keys/values written in place rather than concatenated every step (see ppzoo/inference/cache.py).
+        generator = Generator(module.language_model(), tokenizer, cache_factory=PreallocatedKVCache)
         source = {"checkpoint": args.ckpt}
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -38,6 +38,10 @@ class EngineConfig:
     recompute: bool = False
     recompute_granularity: str = "full"  # full: each decoder layer is recomputed in backward
     progress_bar: bool = True
+    # A checkpoint (or a run's output directory: its newest checkpoint) whose model weights start a NEW run,
+    # e.g. continual pretraining at a longer seq_len / higher rope_theta. Only weights: step, optimizer and
+    # schedule start fresh (--resume continues a run instead, and takes precedence when it finds one).
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -252,6 +252,8 @@ class Engine:
                 f"{existing[-1]}). Continue that run with --resume auto, or start the new run in another "
                 "Engine.output_dir (or delete the old checkpoints first)."
             )
+        if cfg.init_from and not resume_path:
+            self.init_from_checkpoint(cfg.init_from)
         if resume_path:
             self.load_checkpoint(resume_path)
             if self.step > cfg.max_steps:
@@ -438,6 +440,48 @@ class Engine:
         np_state = state["numpy_random"]
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
         self.step = state["step"]
+        return state
+
+    def init_from_checkpoint(self, path):
+        """Load only the model weights of checkpoint `path` (Engine.init_from) into this fresh run.
+
+        For continual pretraining (a longer seq_len, another rope_theta): the weights carry over, while the
+        step, optimizer state, LR schedule and data order start anew. The checkpoint must have this run's
+        parallel layout (its model.<shard>.pdparams files) and every tensor's shape; anything else is an
+        error naming the tensor, never a silent partial load."""
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, ckpt.MANIFEST)) and ckpt.list_checkpoints(path):
+            path = ckpt.list_checkpoints(path)[-1]  # a run's output directory: its newest checkpoint
+        where = f"Engine.init_from={path} (in {self.cfg.source})"
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{where}: no such checkpoint directory (expected output_dir/step_XXXXXXXX).")
+        ckpt.verify(path)
+        state = ckpt.read_trainer_state(path)
+        shard = os.path.join(path, f"model.{self._shard_name()}.pdparams")
+        if state.get("mp_size", 1) != self.env.mp_size or not os.path.isfile(shard):
+            raise CheckpointError(
+                f"{where}: the checkpoint was saved with mp_degree={state.get('mp_size', 1)} and this run "
+                f"(mp_degree={self.env.mp_size}, pp_degree={self.env.pp_size}) needs its "
+                f"{os.path.basename(shard)}; initialize from a checkpoint with the same tensor- and "
+                "pipeline-parallel layout."
+            )
+        loaded = paddle.load(shard)
+        own = self.network.state_dict()
+        missing = [name for name in own if name not in loaded]
+        unexpected = [name for name in loaded if name not in own]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{where}: the checkpoint's tensors do not match the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}. Model.module and the architecture must be the checkpoint's."
+            )
+        for name, param in own.items():
+            if list(loaded[name].shape) != list(param.shape):
+                raise CheckpointError(
+                    f"{where}: tensor {name} has shape {list(loaded[name].shape)} in the checkpoint but "
+                    f"{list(param.shape)} in this model. Only seq_len, rope_theta / rope_position_scale and "
+                    "max_position_embeddings may change; the other Model sizes must be the checkpoint's."
+                )
+        # Cast to the run's dtypes (e.g. fp32 weights into a bf16 O2 run); set_state_dict does not.
+        self.network.set_state_dict({name: loaded[name].astype(param.dtype) for name, param in own.items()})
         return state
 
 

@@ -1,5 +1,6 @@
 """Tokenizers, the built-in corpus, packed datasets (registered on import) and the batch sampler."""
-from ppzoo.data import datasets as _datasets  # noqa: F401  (registers BuiltinCorpus, TextFiles)
+from ppzoo.data import datasets as _datasets  # noqa: F401  (registers BuiltinCorpus, TextFiles, LengthUpsampled)
+from ppzoo.data import needle as _needle  # noqa: F401  (registers NeedleRetrieval)
 from ppzoo.data.tokenizer import Tokenizer, train_byte_level_bpe
 
 __all__ = ["Tokenizer", "train_byte_level_bpe"]

@@ -260,6 +260,61 @@ class TextFiles(PackedLMDataset):
         return cls(token_docs, seq_len, tokenizer.eos_id, name="TextFiles")
 
 
+@dataclass
+class LengthUpsampledConfig:
+    source: str = "builtin"  # builtin: the built-in corpus (split, max_chars) | files: your files (paths, text_key)
+    split: str = "train"
+    max_chars: Optional[int] = None
+    paths: List[str] = field(default_factory=list)
+    text_key: str = "text"
+    min_doc_tokens: int = 1024  # documents at least this long count as long
+    upsample_factor: int = 4  # each long document occurs this many times (short ones once)
+    seed: int = 0  # the document order's shuffle
+
+
+@register_dataset()
+class LengthUpsampled(PackedLMDataset):
+    """A corpus (built-in or files) with its long documents repeated, for long-context continual pretraining.
+
+    Length upsampling (Fu et al. 2024, used by ChuXin's 1M-context stage): packed rows of a natural corpus
+    are mostly many short documents, so a model trained on them rarely sees dependencies spanning the whole
+    row. Every document of at least `min_doc_tokens` tokens occurs `upsample_factor` times, and the
+    document order is shuffled (seeded) so the copies land in different rows, far apart. `doc_order` is the
+    packed order of document indices (into the corpus's order)."""
+
+    config_class = LengthUpsampledConfig
+
+    @classmethod
+    def build(cls, args, tokenizer, seq_len):
+        args = args if args is not None else LengthUpsampledConfig()
+        if args.upsample_factor < 1 or args.min_doc_tokens < 1:
+            raise DataError(
+                f"LengthUpsampled needs upsample_factor >= 1 and min_doc_tokens >= 1, got {args.upsample_factor} "
+                f"and {args.min_doc_tokens}."
+            )
+        _require_eos(tokenizer.eos_id)
+        if args.source == "builtin":
+            if args.split not in SPLITS:
+                raise DataError(f"LengthUpsampled split {args.split!r} is unknown; use one of: {', '.join(SPLITS)}.")
+            texts, origin = builtin_texts(args.split, args.max_chars), f"builtin:{args.split}"
+        elif args.source == "files":
+            if not args.paths or isinstance(args.paths, str):
+                raise DataError("LengthUpsampled with source: files needs `paths`: a list of .txt or .jsonl files.")
+            texts, origin = read_text_files(args.paths, args.text_key), "files"
+        else:
+            raise DataError(f"LengthUpsampled source {args.source!r} is unknown; use builtin or files.")
+        docs = [np.asarray(ids, dtype=np.int64) for ids in tokenize_texts(tokenizer, texts) if len(ids)]
+        is_long = np.array([len(d) >= args.min_doc_tokens for d in docs], dtype=bool)
+        copies = np.where(is_long, args.upsample_factor, 1)
+        order = np.random.default_rng(args.seed).permutation(np.repeat(np.arange(len(docs)), copies))
+        name = f"LengthUpsampled({origin}, {int(is_long.sum())} docs >= {args.min_doc_tokens} tokens x{args.upsample_factor})"
+        dataset = cls([docs[i] for i in order], seq_len, tokenizer.eos_id, name=name)
+        dataset.doc_order = order
+        dataset.num_documents = len(docs)
+        dataset.long_documents = np.flatnonzero(is_long)
+        return dataset
+
+
 def build_dataset(section, tokenizer, seq_len):
     """Build the dataset a config section (`.dataset` name, `.args` config_class instance) describes."""
     dataset_class = DATASETS.get(section.dataset, where="Data")

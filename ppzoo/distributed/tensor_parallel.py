@@ -234,6 +234,15 @@ def _adopt_fleet_layer(layer, fleet_layer, params):
 # Layers
 
 
+def _linear(x, weight, bias=None):
+    """x @ weight (+ bias): F.linear's result without its per-call cost. F.linear reads a global flag
+    (paddle.get_flags) on every call, which costs more than a small product itself: 14.2 vs 5.6 us for
+    [1, 1, 256] x [256, 256] on one CPU thread, about 0.25 ms of tiny ChuXin's 4 ms batch-1 decode step (29
+    linears a step). Same kernels in training (matmul and its gradient)."""
+    out = paddle.matmul(x, weight)
+    return out if bias is None else out + bias
+
+
 class ColumnParallelLinear(nn.Layer):
     """y = x W + b with W [in_features, out_features] split along out_features.
 
@@ -268,11 +277,11 @@ class ColumnParallelLinear(nn.Layer):
 
     def forward(self, x):
         if self.mode == SINGLE:
-            return F.linear(x, self.weight, self.bias)
+            return _linear(x, self.weight, self.bias)
         if self.mode == FLEET:
             return self._fleet_layer(x)
         x = _CopyToModelParallel.apply(x, self.mp_group)
-        out = F.linear(x, self.weight, self.bias)
+        out = _linear(x, self.weight, self.bias)
         if self.gather_output:
             out = _GatherFromModelParallel.apply(out, self.mp_group)
         return out
@@ -314,12 +323,12 @@ class RowParallelLinear(nn.Layer):
 
     def forward(self, x):
         if self.mode == SINGLE:
-            return F.linear(x, self.weight, self.bias)
+            return _linear(x, self.weight, self.bias)
         if self.mode == FLEET:
             return self._fleet_layer(x)
         if not self.input_is_parallel:
             x = _ScatterToModelParallel.apply(x, self.mp_group)
-        out = _ReduceFromModelParallel.apply(F.linear(x, self.weight), self.mp_group)
+        out = _ReduceFromModelParallel.apply(_linear(x, self.weight), self.mp_group)
         if self.bias is not None:
             out = out + self.bias
         return out

@@ -4,24 +4,23 @@ One program serves both prefill and decode: the past keys/values are inputs and 
 with the batch, new-position and past-position axes dynamic, so prefill is a call with an empty past
 (past = 0) and decode a call with one new position.
 
-    inputs   input_ids     [b, s]                         int64
-             position_ids  [b, s]                         int64
-             attn_mask     [b, 1, s, past + s]            float32  additive (0 = attend, -inf = masked)
-             past_keys     [layers, b, kv_heads, past, d] float32
-             past_values   [layers, b, kv_heads, past, d] float32
-    outputs  logits        [b, 1, vocab]                  float32  the last position only
-             present_keys  [layers, b, kv_heads, past + s, d]
-             present_values
+    inputs   input_ids        [b, s]                      int64
+             position_ids     [b, s]                      int64
+             attn_mask        [b, 1, s, past + s]         float32  additive (0 = attend, -inf = masked)
+             past_key_0 ..    [b, kv_heads, past, d]      float32  one per layer (past_key_{layers - 1})
+             past_value_0 ..  [b, kv_heads, past, d]      float32
+    outputs  logits           [b, 1, vocab]               float32  the last position only
+             present_key_0 .. [b, kv_heads, past + s, d]  float32  one per layer
+             present_value_0 ..
 
 Only the last position's logits are returned: generation needs nothing else, and the full [b, s, vocab]
 of a long prompt over a large vocabulary would be gigabytes computed and copied for nothing.
 
-Cost of this signature (measured on tiny ChuXin, 1 thread, 192 cached positions): a decode step copies
-the whole cache about five times - unbind of the stacked past, concat with the new position, transpose
-to the model's [b, s, kv_heads, d] layout, attention's own transpose back, stack of the presents - where
-the eager model copies it twice (concat, attention's transpose): 5.3 vs 3.9 ms at batch 1, 12.3 vs 7.1 ms
-at batch 8. The same export with per-layer past/present tensors in the model's own layout took 4.0 and
-8.7 ms; that is the change to make if exported decode speed matters more than one stacked cache tensor.
+The cache is one tensor per layer, head-major (the layout attention multiplies with), so a decode step
+copies each layer's cache once: the concat that appends the new position (see PassedKVCache). Format
+version 1 stacked all layers into one [layers, b, kv_heads, past, d] tensor, which cost about five copies
+of the cache a step (unbind, concat, transposes, stack): tiny ChuXin decoded at 5.95 / 12.7 ms a step
+(batch 1 / 8, one thread) with it, and at MEASURED_TBD with this signature.
 
 Tracing needs two export-only adjustments (context managers below, undone afterwards): RoPE's memoised
 rotation matrix becomes a program constant, and ppzoo's PyLayers are traced as their forward ops.
@@ -50,17 +49,31 @@ from paddle.static import InputSpec
 from ppzoo.config import config_to_dict
 from ppzoo.core.checkpoint import _sha256, fsync_path
 from ppzoo.errors import CheckpointError, PpzooError
-from ppzoo.inference.cache import StackedKVCache
+from ppzoo.inference.cache import PassedKVCache
 
 FORMAT = "ppzoo-exported-causal-lm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer head-major past/present tensors (1: stacked over layers)
 METADATA_FILE = "ppzoo.json"
 PROGRAM_PREFIX = "model"  # -> model.json + model.pdiparams
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
-INPUT_NAMES = ("input_ids", "position_ids", "attn_mask", "past_keys", "past_values")
-OUTPUT_NAMES = ("logits", "present_keys", "present_values")
+CACHE_LAYOUT = "per layer: [b, kv_heads, positions, head_dim]"
+
+
+def cache_names(prefix, num_layers):
+    """(key names, value names) of one side of the cache: prefix "past" -> past_key_0.., past_value_0.."""
+    return ([f"{prefix}_key_{i}" for i in range(num_layers)], [f"{prefix}_value_{i}" for i in range(num_layers)])
+
+
+def input_names(num_layers):
+    keys, values = cache_names("past", num_layers)
+    return ["input_ids", "position_ids", "attn_mask", *keys, *values]
+
+
+def output_names(num_layers):
+    keys, values = cache_names("present", num_layers)
+    return ["logits", *keys, *values]
 
 
 def _language_model(module):
@@ -75,14 +88,15 @@ def _language_model(module):
 
 
 class _ExportedForward(nn.Layer):
-    """The traced forward: model body with a StackedKVCache, lm head on the last position only."""
+    """The traced forward: model body with a PassedKVCache, lm head on the last position only. The saved
+    program's inputs and outputs are in input_names() / output_names() order."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
     def forward(self, input_ids, position_ids, attn_mask, past_keys, past_values):
-        cache = StackedKVCache(past_keys, past_values)
+        cache = PassedKVCache(past_keys, past_values)  # lists: one tensor per layer
         hidden = self.lm.model(input_ids, position_ids, None, attn_mask, cache)
         last = hidden[:, -1:, :]
         if self.lm.lm_head is None:  # tied embeddings (as ChuXinForCausalLM.forward does it)
@@ -90,40 +104,43 @@ class _ExportedForward(nn.Layer):
         else:
             logits = self.lm.lm_head(last)
         present_keys, present_values = cache.presents()
-        return logits.astype("float32"), present_keys, present_values
+        return (logits.astype("float32"), *present_keys, *present_values)
 
 
 def signature(model_config):
     """The exported program's inputs and outputs: names, dtypes and layouts ("b", "s", "past" dynamic)."""
     c = model_config
-    kv = [c.num_layers, "b", c.num_kv_heads, "past", c.head_dim]
-    kv_out = [c.num_layers, "b", c.num_kv_heads, "past+s", c.head_dim]
+    kv = ["b", c.num_kv_heads, "past", c.head_dim]
+    kv_out = ["b", c.num_kv_heads, "past+s", c.head_dim]
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": ["b", "s"]},
         {"name": "position_ids", "dtype": "int64", "shape": ["b", "s"]},
         {"name": "attn_mask", "dtype": "float32", "shape": ["b", 1, "s", "past+s"],
          "meaning": "additive mask: 0 where a query may attend a key, -inf elsewhere"},
-        {"name": "past_keys", "dtype": "float32", "shape": kv, "meaning": "empty (past = 0) for prefill"},
-        {"name": "past_values", "dtype": "float32", "shape": kv},
     ]
+    past_keys, past_values = cache_names("past", c.num_layers)
+    inputs += [{"name": name, "dtype": "float32", "shape": kv, "meaning": f"layer {i}; empty (past = 0) for prefill"}
+               for names in (past_keys, past_values) for i, name in enumerate(names)]
     outputs = [
         {"name": "logits", "dtype": "float32", "shape": ["b", 1, c.vocab_size],
          "meaning": "logits of the last input position only"},
-        {"name": "present_keys", "dtype": "float32", "shape": kv_out},
-        {"name": "present_values", "dtype": "float32", "shape": kv_out},
     ]
+    present_keys, present_values = cache_names("present", c.num_layers)
+    outputs += [{"name": name, "dtype": "float32", "shape": kv_out, "meaning": f"layer {i}"}
+                for names in (present_keys, present_values) for i, name in enumerate(names)]
     return inputs, outputs
 
 
 def _input_spec(model_config):
     c = model_config
-    kv = [c.num_layers, None, c.num_kv_heads, None, c.head_dim]
+    kv = [None, c.num_kv_heads, None, c.head_dim]
+    past_keys, past_values = cache_names("past", c.num_layers)
     return [
         InputSpec([None, None], "int64", name="input_ids"),
         InputSpec([None, None], "int64", name="position_ids"),
         InputSpec([None, 1, None, None], "float32", name="attn_mask"),
-        InputSpec(kv, "float32", name="past_keys"),
-        InputSpec(kv, "float32", name="past_values"),
+        [InputSpec(kv, "float32", name=name) for name in past_keys],
+        [InputSpec(kv, "float32", name=name) for name in past_values],
     ]
 
 
@@ -208,18 +225,21 @@ def _trace_and_save(lm, path_prefix):
 
 
 def _eager_reference(lm, feeds):
-    """The eager model's last-position logits and stacked presents for the same inputs."""
+    """The eager model's last-position logits and per-layer present keys ([b, kv_heads, positions, d]) for
+    the same inputs."""
     from ppzoo.inference.cache import DenseKVCache
 
+    layers = lm.config.num_layers
+    past_keys, past_values = cache_names("past", layers)
     cache = DenseKVCache()
-    past_k, past_v = feeds["past_keys"], feeds["past_values"]
-    if past_k.shape[3]:
-        for i in range(past_k.shape[0]):
-            cache.update(i, paddle.to_tensor(past_k[i].transpose(0, 2, 1, 3)),
-                         paddle.to_tensor(past_v[i].transpose(0, 2, 1, 3)))
+    if feeds[past_keys[0]].shape[2]:
+        for i in range(layers):
+            cache.update(i, paddle.to_tensor(feeds[past_keys[i]].transpose(0, 2, 1, 3)),
+                         paddle.to_tensor(feeds[past_values[i]].transpose(0, 2, 1, 3)))
+        cache.advance(feeds[past_keys[0]].shape[2])
     logits = lm(paddle.to_tensor(feeds["input_ids"]), position_ids=paddle.to_tensor(feeds["position_ids"]),
                 attn_mask=paddle.to_tensor(feeds["attn_mask"]), cache=cache)
-    keys = np.stack([cache.keys[i].numpy().transpose(0, 2, 1, 3) for i in range(past_k.shape[0])])
+    keys = [cache.keys[i].numpy().transpose(0, 2, 1, 3) for i in range(layers)]
     return logits[:, -1:, :].astype("float32").numpy(), keys
 
 
@@ -231,10 +251,13 @@ def _self_check(lm, directory):
     c = lm.config
     predictor = Predictor(directory, threads=1)
     ids = np.random.default_rng(0).integers(0, c.vocab_size, size=(1, 6)).astype(np.int64)
-    past_k = past_v = np.zeros((c.num_layers, 1, c.num_kv_heads, 0, c.head_dim), dtype=np.float32)
+    past_keys, past_values = cache_names("past", c.num_layers)
+    present_keys, present_values = cache_names("present", c.num_layers)
+    empty = np.zeros((1, c.num_kv_heads, 0, c.head_dim), dtype=np.float32)
+    past = {name: empty for name in past_keys + past_values}
     for start, stop in ((0, 5), (5, 6)):
         feeds = {"input_ids": ids[:, start:stop], "position_ids": np.arange(start, stop, dtype=np.int64)[None],
-                 "attn_mask": causal_mask(1, stop - start, start), "past_keys": past_k, "past_values": past_v}
+                 "attn_mask": causal_mask(1, stop - start, start), **past}
         out = predictor.run_numpy(feeds)
         want_logits, want_keys = _eager_reference(lm, feeds)
         got_logits = out["logits"]
@@ -244,9 +267,10 @@ def _self_check(lm, directory):
                 f"the exported program's logits {got_logits.shape} differ from the eager model's "
                 f"{want_logits.shape}; this Paddle build ({paddle.__version__}) does not export this model correctly"
             )
-        if out["present_keys"].shape != want_keys.shape or not np.allclose(out["present_keys"], want_keys, atol=1e-4):
-            raise PpzooError("the exported program's present keys differ from the eager model's KV cache")
-        past_k, past_v = out["present_keys"], out["present_values"]
+        for name, want in zip(present_keys, want_keys):
+            if out[name].shape != want.shape or not np.allclose(out[name], want, atol=1e-4):
+                raise PpzooError("the exported program's present keys differ from the eager model's KV cache")
+        past = {p: out[q] for p, q in zip(past_keys + past_values, present_keys + present_values)}
 
 
 def _file_entry(path):
@@ -329,7 +353,7 @@ def export_language_model(module, cfg, tokenizer, out_dir, check=True):
             "tokenizer": tokenizer_files,
             "config": config_to_dict(cfg),
             "cache": {"num_layers": model_config.num_layers, "num_kv_heads": model_config.num_kv_heads,
-                      "head_dim": model_config.head_dim, "layout": "[layers, b, kv_heads, positions, head_dim]"},
+                      "head_dim": model_config.head_dim, "layout": CACHE_LAYOUT},
             "logits": "last_position",
             "inputs": inputs,
             "outputs": outputs,

@@ -4,6 +4,11 @@ The model is any causal LM whose forward is `model(input_ids, position_ids=, att
 (ChuXinForCausalLM is). Prompts are left-padded so every row's next token sits in the last column; padding
 is masked out of attention and positions count only real tokens, so a row's output does not depend on the
 other rows in its batch.
+
+Chunked prefill (`prefill_chunk`): a long prompt is fed through the model in pieces of that many tokens, each
+attending to the cache of the pieces before it, so attention holds a [chunk, past + chunk] score matrix per
+head instead of [prompt, prompt]: memory grows linearly with the prompt, not quadratically. The result is
+the same as one full forward (the masks are the same rows of the full causal mask).
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -79,17 +84,30 @@ def _pending_length(text, stop_strings):
 
 
 class Generator:
-    def __init__(self, model, tokenizer, cache_factory=DenseKVCache, max_length=None):
+    """`prefill_chunk`: feed prompts through the model at most this many tokens at a time (None: all at
+    once); see the module docstring."""
+
+    def __init__(self, model, tokenizer, cache_factory=DenseKVCache, max_length=None, prefill_chunk=None):
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise PpzooError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk}")
         self.model = model
         self.tokenizer = tokenizer
         self.cache_factory = cache_factory
         self.max_length = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.prefill_chunk = prefill_chunk
 
     # ------------------------------------------------------------------------------------- helpers
     def _encode_prompts(self, prompts, truncate):
+        """Token ids of each prompt. A prompt that is already a list of ids is taken as is (no bos added):
+        callers that build token streams themselves (e.g. needle-in-a-haystack) control every token."""
         rows = []
         for prompt in prompts:
-            ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+            else:
+                ids = [int(i) for i in prompt]
+            if not ids:
+                raise PpzooError("a prompt is empty: there is nothing to continue from")
             rows.append(ids)
         return rows
 
@@ -133,19 +151,62 @@ class Generator:
         mask = np.where(allowed, 0.0, NEG_INF).astype(np.float32)
         return paddle.to_tensor(mask[:, None, :, :])
 
+    def _forward(self, step_ids, step_pos, valid, cache):
+        """Run the model on the new tokens `step_ids` [b, n] (positions `step_pos`) against the cache; `valid`
+        [b, past + n] marks real (non-padding) keys. Advances the cache; returns the last position's logits.
+
+        With prefill_chunk set, n > chunk tokens go through in chunks: chunk i's queries see the valid keys of
+        every earlier chunk (now in the cache) and, causally, of their own chunk, exactly the rows of the
+        full forward's mask, so the result matches the unchunked forward."""
+        num_new = step_ids.shape[1]
+        past = valid.shape[1] - num_new
+        chunk = self.prefill_chunk or num_new
+        logits = None
+        for start in range(0, num_new, chunk):
+            end = min(start + chunk, num_new)
+            logits = self.model(
+                paddle.to_tensor(step_ids[:, start:end]),
+                position_ids=paddle.to_tensor(step_pos[:, start:end], dtype="int64"),
+                # Keys are everything up to this chunk's end; the queries are its last end - start positions.
+                attn_mask=self._attention_mask(valid[:, : past + end], end - start),
+                cache=cache,
+            )
+            cache.advance(end - start)
+            logits = logits[:, -1, :]  # only the last position is needed: drop the chunk's [b, n, vocab]
+        return logits.astype("float32")
+
+    def _prepare(self, prompts, max_new_tokens, truncate):
+        """(rows, left-padded ids, valid mask, positions) of a batch of prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows = self._check_length(self._encode_prompts(prompts, truncate), max_new_tokens, truncate)
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        ids, valid = self._left_pad(rows, pad_id)
+        # Positions count real tokens only, so a left-padded row is positioned as if it were alone.
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+        return rows, ids, valid, positions
+
+    @paddle.no_grad()
+    def prompt_logits(self, prompts, truncate=False):
+        """The next-token logits after each prompt ([b, vocab] numpy float32): one prefill, no decoding."""
+        rows, ids, valid, positions = self._prepare(prompts, 1, truncate)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._forward(ids, positions, valid, self.cache_factory()).numpy()
+        finally:
+            if was_training:
+                self.model.train()
+
     # ------------------------------------------------------------------------------------ decoding
     @paddle.no_grad()
     def stream(self, prompts, sampling=None, truncate=False):
         """Yield, after every decoding step, a list with each row's newly decoded text (possibly '')."""
         sampling = sampling or SamplingConfig()
         sampling.check()
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        rows = self._check_length(self._encode_prompts(prompts, truncate), sampling.max_new_tokens, truncate)
-        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        rows, ids, valid, positions = self._prepare(prompts, sampling.max_new_tokens, truncate)
         stop_ids = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else [self.tokenizer.eos_id])
         stop_ids.discard(None)
-        ids, valid = self._left_pad(rows, pad_id)
         batch = len(rows)
         generator = np.random.default_rng(sampling.seed)
 
@@ -159,18 +220,10 @@ class Generator:
         emitted_text = ["" for _ in range(batch)]
         done = np.zeros(batch, dtype=bool)
 
-        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
-        step_ids, step_pos, num_new = ids, positions, ids.shape[1]
+        step_ids, step_pos = ids, positions
         try:
             for _ in range(sampling.max_new_tokens):
-                logits = self.model(
-                    paddle.to_tensor(step_ids),
-                    position_ids=paddle.to_tensor(step_pos, dtype="int64"),
-                    attn_mask=self._attention_mask(valid, num_new),
-                    cache=cache,
-                )
-                cache.advance(num_new)
-                next_logits = logits[:, -1, :].astype("float32")
+                next_logits = self._forward(step_ids, step_pos, valid, cache)
                 vocab = next_logits.shape[-1]
                 next_tokens = self._choose(next_logits, paddle.to_tensor(seen[:, :vocab]), sampling, generator)
                 pieces = []
@@ -199,7 +252,6 @@ class Generator:
                 valid = np.concatenate([valid, np.ones((batch, 1), dtype=bool)], axis=1)
                 step_pos = step_pos[:, -1:] + 1
                 step_ids = next_tokens.reshape(batch, 1).astype(np.int64)
-                num_new = 1
             # Text held back (see _pending_length) is flushed at the end.
             tail = [self.tokenizer.decode(g)[len(e):] if not d else "" for g, e, d in zip(generated, emitted_text, done)]
             if any(tail):

@@ -6,10 +6,11 @@
 `Predictor` is the paddle.inference predictor of one exported directory (inputs and outputs by the names
 of the export signature). `ExportedLanguageModel` gives it the call shape of ChuXinForCausalLM
 (`model(input_ids, position_ids=, attn_mask=, cache=) -> logits`), and `ExportedKVCache` carries the
-stacked present keys/values from one call to the next. Tensors stay paddle Tensors end to end: the
+per-layer present keys/values from one call to the next. Tensors stay paddle Tensors end to end: the
 predictor's tensor-list `run` reads and returns them without copies through numpy.
 """
 import os
+import weakref
 
 import numpy as np
 import paddle
@@ -20,10 +21,11 @@ from ppzoo.data.tokenizer import Tokenizer
 from ppzoo.errors import CheckpointError, PpzooError
 from ppzoo.inference.cache import KVCache
 from ppzoo.inference.export import (
-    INPUT_NAMES,
     METADATA_FILE,
-    OUTPUT_NAMES,
     TOKENIZER_FILE,
+    cache_names,
+    input_names,
+    output_names,
     read_metadata,
     verify_files,
 )
@@ -95,50 +97,76 @@ class Predictor:
             raise CheckpointError(
                 f"Paddle cannot load the exported program {program} ({err}); export the model again"
             ) from None
+        self.num_layers = self.metadata["cache"].get("num_layers")
+        expected_inputs = input_names(self.num_layers) if isinstance(self.num_layers, int) else None
         self._input_order = list(self._predictor.get_input_names())
-        if sorted(self._input_order) != sorted(INPUT_NAMES):
+        if expected_inputs is None or sorted(self._input_order) != sorted(expected_inputs):
             raise CheckpointError(
-                f"{program} takes inputs {self._input_order}, not the exported signature {list(INPUT_NAMES)}"
+                f"{program} takes inputs {self._input_order}, not the exported signature {expected_inputs}"
             )
+        self.output_names = output_names(self.num_layers)
         fetch_names = list(self._predictor.get_output_names())
         by_name = {o["name"]: o.get("fetch_name") for o in self.metadata["outputs"]}
-        missing = [name for name in OUTPUT_NAMES if by_name.get(name) not in fetch_names]
+        missing = [name for name in self.output_names if by_name.get(name) not in fetch_names]
         if missing:
             raise CheckpointError(
                 f"{os.path.join(self.model_dir, METADATA_FILE)} names outputs {by_name} but {program} has {fetch_names}"
             )
         # Position of each signature output in the predictor's output list.
-        self._output_index = {name: fetch_names.index(by_name[name]) for name in OUTPUT_NAMES}
+        self._output_index = [(name, fetch_names.index(by_name[name])) for name in self.output_names]
 
     def run(self, feeds):
-        """{input name: paddle Tensor} -> {output name: paddle Tensor} (logits, present_keys, present_values)."""
+        """{input name: paddle Tensor} -> {output name: paddle Tensor} (logits, present_key_0, ..).
+
+        The outputs share memory with this predictor's own buffers, which a later run may write into in
+        place (it reuses a buffer that is large enough): clone what must outlive the next run, or run it
+        on a clone() of the predictor (see ExportedLanguageModel)."""
         outputs = self._predictor.run([feeds[name] for name in self._input_order])
-        return {name: outputs[i] for name, i in self._output_index.items()}
+        return {name: outputs[i] for name, i in self._output_index}
+
+    def clone(self):
+        """A predictor of the same program and weights (shared, not copied) with buffers of its own."""
+        twin = object.__new__(Predictor)
+        twin.__dict__.update(self.__dict__)
+        twin._predictor = self._predictor.clone()
+        return twin
 
     def run_numpy(self, feeds):
         """As run(), with numpy arrays in and out."""
-        dtypes = {name: ("int64" if name.endswith("_ids") else "float32") for name in INPUT_NAMES}
-        outputs = self.run({name: _as_tensor(value, dtypes[name]) for name, value in feeds.items()})
+        outputs = self.run({name: _as_tensor(value, "int64" if name.endswith("_ids") else "float32")
+                            for name, value in feeds.items()})
         return {name: value.numpy() for name, value in outputs.items()}
 
 
 class ExportedKVCache(KVCache):
     """The KV cache of an exported model: the present keys/values the program returned at the previous
-    call, stacked as [layers, b, kv_heads, positions, head_dim], fed back as the next call's past."""
+    call, one [b, kv_heads, positions, head_dim] tensor per layer each, fed back as the next call's past.
+
+    `producer`: which of the model's predictors returned them (their memory is that predictor's output
+    buffers; see ExportedLanguageModel), None once they are tensors of their own."""
 
     def __init__(self):
         super().__init__()
         self.keys = self.values = None
+        self.producer = None
 
     def past(self, batch, cache_meta):
-        """(keys, values) to feed: the stored ones, or empty ones (0 positions) before the first call."""
+        """([keys per layer], [values per layer]) to feed: the stored ones, or empty ones (0 positions) before
+        the first call."""
         if self.keys is None:
-            shape = [cache_meta["num_layers"], batch, cache_meta["num_kv_heads"], 0, cache_meta["head_dim"]]
-            return paddle.zeros(shape, dtype="float32"), paddle.zeros(shape, dtype="float32")
+            empty = paddle.zeros([batch, cache_meta["num_kv_heads"], 0, cache_meta["head_dim"]], dtype="float32")
+            layers = cache_meta["num_layers"]
+            return [empty] * layers, [empty] * layers
         return self.keys, self.values
 
-    def store(self, keys, values):
-        self.keys, self.values = keys, values
+    def store(self, keys, values, producer=None):
+        self.keys, self.values, self.producer = list(keys), list(values), producer
+
+    def detach(self):
+        """Copy the stored tensors out of the producing predictor's buffers (before that predictor runs for
+        someone else)."""
+        if self.keys is not None and self.producer is not None:
+            self.store([k.clone() for k in self.keys], [v.clone() for v in self.values])
 
     def update(self, layer_idx, k, v):
         raise NotImplementedError("the exported program updates its cache itself; ExportedKVCache only carries it")
@@ -147,8 +175,8 @@ class ExportedKVCache(KVCache):
         if self.keys is None:
             return
         index = paddle.to_tensor(batch_indices, dtype="int64")
-        self.keys = paddle.index_select(self.keys, index, axis=1)
-        self.values = paddle.index_select(self.values, index, axis=1)
+        self.store([paddle.index_select(k, index, axis=0) for k in self.keys],
+                   [paddle.index_select(v, index, axis=0) for v in self.values])
 
 
 class ExportedLanguageModel:
@@ -158,6 +186,14 @@ class ExportedLanguageModel:
     position only ([b, 1, vocab]; the exported program computes no others), which is what the Generator
     reads. `cache` must be an ExportedKVCache (pass cache_factory=ExportedKVCache to the Generator).
     Defaults as in the eager model: positions continue from the cache, the mask is causal over the cache.
+
+    Two predictors (the second a clone: same weights, its own buffers) take turns for a cache. A
+    predictor's outputs are its own buffers, reused in place by its next run when large enough (see
+    Predictor.run); the program's present keys are the concat of the past ones and the new position, so a
+    predictor fed its own previous presents, with buffers left large by an earlier longer generation,
+    would write the concat over the very past it is reading (seen: wrong logits from the second generate()
+    on). Fed the other predictor's presents, it only overwrites outputs the cache has already replaced.
+    The alternative, copying the presents every call, costs a copy of the whole cache per step.
     """
 
     training = False  # an exported program has no training mode; eval()/train() are no-ops
@@ -168,6 +204,11 @@ class ExportedLanguageModel:
         if config is None:
             config = model_config_from_metadata(predictor.metadata, predictor.model_dir)
         self.config = config
+        layers = predictor.num_layers
+        self._past_key_names, self._past_value_names = cache_names("past", layers)
+        self._present_key_names, self._present_value_names = cache_names("present", layers)
+        self._runners = [predictor, predictor.clone()]
+        self._holders = [None, None]  # per runner: weak reference to the cache holding its outputs
 
     def eval(self):
         return self
@@ -175,7 +216,24 @@ class ExportedLanguageModel:
     def train(self, mode=True):
         return self
 
-    def __call__(self, input_ids, position_ids=None, attn_mask=None, cache=None):
+    def _runner_for(self, cache):
+        """Index of the predictor to run for `cache`: not the one whose outputs the cache holds, and one whose
+        outputs no other live cache holds if there is such; else that cache copies them out first (only when
+        generations interleave)."""
+        candidates = [i for i in range(len(self._runners)) if cache is None or cache.producer != i]
+        holders = [self._holders[i]() if self._holders[i] is not None else None for i in candidates]
+        for index, holder in zip(candidates, holders):
+            if holder is None or holder is cache or holder.producer != index:
+                return index
+        holders[0].detach()
+        return candidates[0]
+
+    def __call__(self, input_ids, position_ids=None, attn_mask=None, cache=None, logits_to_keep=1):
+        """`logits_to_keep`: as in ChuXinForCausalLM.forward, but the program computes the last position's
+        logits only, so 1 is all it can give."""
+        if logits_to_keep != 1:
+            raise ValueError(f"an exported model returns the last position's logits only (logits_to_keep=1), "
+                             f"not {logits_to_keep}")
         if cache is not None and not isinstance(cache, ExportedKVCache):
             raise TypeError(
                 f"an exported model carries its KV cache in an ExportedKVCache, got {type(cache).__name__}; "
@@ -184,7 +242,7 @@ class ExportedLanguageModel:
         input_ids = _as_tensor(input_ids, "int64")
         b, s = input_ids.shape
         past_keys, past_values = (cache if cache is not None else ExportedKVCache()).past(b, self.metadata["cache"])
-        past = past_keys.shape[3]
+        past = past_keys[0].shape[2]
         if position_ids is None:
             position_ids = paddle.arange(past, past + s, dtype="int64").unsqueeze(0).expand([b, s])
         if attn_mask is None:
@@ -193,13 +251,19 @@ class ExportedLanguageModel:
             "input_ids": input_ids,
             "position_ids": _as_tensor(position_ids, "int64"),
             "attn_mask": _as_tensor(attn_mask, "float32"),
-            "past_keys": past_keys,
-            "past_values": past_values,
+            **dict(zip(self._past_key_names, past_keys)),
+            **dict(zip(self._past_value_names, past_values)),
         }
-        outputs = self.predictor.run(feeds)
+        index = self._runner_for(cache)
+        outputs = self._runners[index].run(feeds)
         if cache is not None:
-            cache.store(outputs["present_keys"], outputs["present_values"])
-        return outputs["logits"]
+            cache.store([outputs[name] for name in self._present_key_names],
+                        [outputs[name] for name in self._present_value_names], producer=index)
+            self._holders[index] = weakref.ref(cache)
+        else:
+            self._holders[index] = None
+        # A copy ([b, 1, vocab], a few us): the caller may keep logits across calls.
+        return outputs["logits"].clone()
 
 
 def model_config_from_metadata(metadata, model_dir):

@@ -31,17 +31,21 @@ def use_fused_rms_norm(x):
     return has_kernel("fused_rms_norm_quant", dtype=str(x.dtype).replace("paddle.", ""))
 
 
+def _rms_norm_forward(x, weight, eps):
+    if use_fused_rms_norm(x):
+        from paddle.incubate.nn.functional import fused_rms_norm
+
+        return fused_rms_norm(x, weight, None, eps, x.ndim - 1)[0]
+    normed, _ = _normalize(x, eps)
+    return normed.astype(x.dtype) * weight
+
+
 class _RMSNormFunction(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        if use_fused_rms_norm(x):
-            from paddle.incubate.nn.functional import fused_rms_norm
-
-            return fused_rms_norm(x, weight, None, eps, x.ndim - 1)[0]
-        normed, _ = _normalize(x, eps)
-        return normed.astype(x.dtype) * weight
+        return _rms_norm_forward(x, weight, eps)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -65,4 +69,9 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([hidden_size], default_initializer=nn.initializer.Constant(1.0))
 
     def forward(self, x):
+        if not paddle.is_grad_enabled():
+            # Nothing to differentiate (generation runs under no_grad): the forward alone, without the
+            # PyLayer's bookkeeping, which costs more than the fused kernel at decode sizes (measured on
+            # [1, 1, 256], one thread: 10.0 us through the PyLayer, 3.9 us direct; 9 norms a ChuXin-tiny step).
+            return _rms_norm_forward(x, self.weight, self.eps)
         return _RMSNormFunction.apply(x, self.weight, self.eps)

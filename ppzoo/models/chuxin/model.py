@@ -21,7 +21,7 @@ from ppzoo.distributed.tensor_parallel import (
 from ppzoo.nn.attention import attention, packed_causal_mask, repeat_kv
 from ppzoo.nn.mlp import swiglu
 from ppzoo.nn.norm import RMSNorm
-from ppzoo.nn.rope import apply_rope, expand_for_heads, rope_cos_sin
+from ppzoo.nn.rope import as_dtype, rope_cos_sin, rotary_tables
 
 
 @dataclass
@@ -73,17 +73,18 @@ class ChuXinAttention(nn.Layer):
         self.o_proj = RowParallelLinear(config.hidden_size, config.hidden_size, mp_group=mp_group)
 
     def forward(self, x, rope, mask=None, cache=None, layer_idx=0):
-        b, s, _ = x.shape
-        cos_q, sin_q, cos_k, sin_k = rope
-        q = self.q_proj(x).reshape([b, s, self.local_heads, self.head_dim])
-        k = self.k_proj(x).reshape([b, s, self.local_kv_heads, self.head_dim])
-        v = self.v_proj(x).reshape([b, s, self.local_kv_heads, self.head_dim])
-        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos_k, sin_k)
+        # Shapes with 0 ("as in x") for batch and length: see the note in ppzoo/nn/attention.py.
+        rope_q, rope_k = rope
+        q = rope_q.rotate(self.q_proj(x).reshape([0, 0, self.local_heads, self.head_dim]))
+        k = rope_k.rotate(self.k_proj(x).reshape([0, 0, self.local_kv_heads, self.head_dim]))
+        v = self.v_proj(x).reshape([0, 0, self.local_kv_heads, self.head_dim])
+        # scale=1.0: the queries' RoPE tables already carry 1/sqrt(head_dim) (see attention_inputs).
         if cache is not None:
-            k, v = cache.update(layer_idx, k, v)
-        n_rep = self.local_heads // self.local_kv_heads
-        out = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), additive_mask=mask)
-        return self.o_proj(out.reshape([b, s, self.local_heads * self.head_dim]))
+            out = cache.attend(layer_idx, q, k, v, mask, scale=1.0)
+        else:
+            n_rep = self.local_heads // self.local_kv_heads
+            out = attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), additive_mask=mask, scale=1.0)
+        return self.o_proj(out.reshape([0, 0, self.local_heads * self.head_dim]))
 
 
 class ChuXinMLP(nn.Layer):
@@ -111,24 +112,19 @@ class ChuXinDecoderLayer(nn.Layer):
 
 
 def attention_inputs(config, attn, position_ids, doc_ids=None, attn_mask=None, dtype="float32"):
-    """RoPE tables and the additive mask for every layer of one forward.
+    """RoPE tables (for queries, for keys) and the additive mask for every layer of one forward.
 
     Built once per forward, already at the attention's full shape, and shared by all layers (see
-    expand_for_heads). Positions need not restart at document boundaries: RoPE scores depend only on
-    relative positions, and the mask keeps documents apart."""
-    b = position_ids.shape[0]
+    RotaryTables). The queries' tables carry attention's 1/sqrt(head_dim), so attention does not scale q
+    again. Positions need not restart at document boundaries: RoPE scores depend only on relative
+    positions, and the mask keeps documents apart."""
     cos, sin = rope_cos_sin(position_ids, config.head_dim, config.rope_theta, config.rope_position_scale)
-    rope = (
-        expand_for_heads(cos, attn.local_heads, dtype),
-        expand_for_heads(sin, attn.local_heads, dtype),
-        expand_for_heads(cos, attn.local_kv_heads, dtype),
-        expand_for_heads(sin, attn.local_kv_heads, dtype),
-    )
+    rope = rotary_tables(cos, sin, attn.local_heads, attn.local_kv_heads, dtype, q_scale=config.head_dim ** -0.5)
     mask = attn_mask
     if mask is None and doc_ids is not None:
         mask = packed_causal_mask(doc_ids)
     if mask is not None:
-        mask = mask.astype(dtype).expand([b, attn.local_heads, mask.shape[-2], mask.shape[-1]])
+        mask = as_dtype(mask, dtype).expand([-1, attn.local_heads, -1, -1])
     return rope, mask
 
 
@@ -188,9 +184,16 @@ class ChuXinForCausalLM(nn.Layer):
                 full = paddle.normal(0.0, std, full_shape).astype(param.dtype)
                 param.set_value(paddle.split(full, mp_size, axis=axis)[mp_rank])
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None, attn_mask=None, cache=None):
-        """Logits over this rank's share of the vocabulary ([b, s, vocab / mp])."""
+    def forward(self, input_ids, position_ids=None, doc_ids=None, attn_mask=None, cache=None, logits_to_keep=0):
+        """Logits over this rank's share of the vocabulary ([b, s, vocab / mp]); with `logits_to_keep` = n > 0
+        only those of the last n positions ([b, n, vocab / mp]), as Hugging Face's argument of that name.
+
+        Generation needs only the last position's logits: computing all of a prompt's is most of a prefill
+        (tiny ChuXin, batch 8 x 128 tokens: the [1024, 256] x [256, 4096] product of the head is ~1 GFLOP,
+        about half the prefill's work)."""
         hidden = self.model(input_ids, position_ids, doc_ids, attn_mask, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:, :]
         if self.lm_head is None:
             # Every rank multiplies the whole hidden state with its vocabulary shard of the embedding, so the
             # hidden state's gradient is the sum of the ranks' partial gradients (as in ColumnParallelLinear).
