@@ -97,8 +97,8 @@ def hf_engine(lm, model_config, threads):
 
 # Intel OpenMP (Paddle's MKL) keeps its worker threads spinning for KMP_BLOCKTIME (200 ms) after parallel
 # work; on a machine whose cores the threads fill, they take a core from whichever engine runs next
-# (measured, 2 threads: HF batch-8 decode 5.9 ms/step after an idle gap, 7.1-8.9 right after a Paddle engine).
-# So every timed call starts after a pause longer than that.
+# (measured, 2 threads: HF's batch-8 decode step took 7.1-8.9 ms right after a Paddle engine, 5.4-5.5 ms with
+# this pause). So every timed call starts after a pause longer than that.
 IDLE_GAP_S = 0.3
 
 

@@ -19,8 +19,9 @@ of a long prompt over a large vocabulary would be gigabytes computed and copied 
 The cache is one tensor per layer, head-major (the layout attention multiplies with), so a decode step
 copies each layer's cache once: the concat that appends the new position (see PassedKVCache). Format
 version 1 stacked all layers into one [layers, b, kv_heads, past, d] tensor, which cost about five copies
-of the cache a step (unbind, concat, transposes, stack): tiny ChuXin decoded at 5.95 / 12.7 ms a step
-(batch 1 / 8, one thread) with it, and at MEASURED_TBD with this signature.
+of the cache a step (unbind, concat, transposes, stack). Measured on tiny ChuXin (the program's call per
+decode step, one thread, 128 to 255 cached positions, best of two runs): 2.4 / 8.7 ms at batch 1 / 8
+with version 1, 2.2 / 4.8 ms with this signature.
 
 Tracing needs two export-only adjustments (context managers below, undone afterwards): RoPE's memoised
 rotation matrix becomes a program constant, and ppzoo's PyLayers are traced as their forward ops.
