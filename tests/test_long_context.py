@@ -4,6 +4,7 @@ import paddle
 import pytest
 
 import ppzoo  # noqa: F401
+from generation_helpers import CharTokenizer, small_chuxin
 from ppzoo.config import load_config
 from ppzoo.core.engine import Engine
 from ppzoo.data.datasets import LengthUpsampled, LengthUpsampledConfig
@@ -15,26 +16,9 @@ from ppzoo.models.chuxin.model import ChuXinConfig, ChuXinForCausalLM
 from ppzoo.nn.rope import rope_cos_sin
 
 
-class CharTokenizer:
-    """Characters as tokens (id = code point + 3): enough to drive the Generator."""
-
-    pad_id, bos_id, eos_id = 0, 1, 2
-    vocab_size = 259
-
-    def encode(self, text, add_bos=False):
-        return ([self.bos_id] if add_bos else []) + [ord(c) + 3 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i - 3) for i in ids if i >= 3)
-
-
 @pytest.fixture(scope="module")
 def model():
-    paddle.seed(0)
-    m = ChuXinForCausalLM(ChuXinConfig(vocab_size=259, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                       intermediate_size=128, max_position_embeddings=256, initializer_range=0.2))
-    m.eval()
-    return m
+    return small_chuxin(max_position_embeddings=256)
 
 
 PROMPTS = ["def chunked_prefill(model, prompt, chunk):\n    return model(prompt)", "short one", "x = 1"]
