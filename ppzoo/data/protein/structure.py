@@ -35,7 +35,7 @@ class Protein:
     aatype: np.ndarray  # int64 [N], restype index, 20 = unknown
     atom_positions: np.ndarray  # float32 [N, 37, 3], Angstrom
     atom_mask: np.ndarray  # float32 [N, 37], 1 where the file has the atom
-    residue_index: np.ndarray  # int64 [N], author residue numbers (strictly increasing)
+    residue_index: np.ndarray  # int64 [N], author residue numbers, shifted past insertion codes (increasing)
     b_factors: np.ndarray  # float32 [N, 37]
     chain_id: str = "A"
     resolution: float = 0.0  # Angstrom; 0 when the file does not say
@@ -82,7 +82,7 @@ def _read_text(path):
         raise DataError(f"Cannot read structure file {path}: {exc}") from exc
 
 
-def _parse_biopython(text, fmt, name):
+def _parse_biopython(text, fmt, name, path=None):
     from Bio.PDB import MMCIFParser, PDBParser
     from Bio.PDB.PDBExceptions import PDBConstructionException
 
@@ -90,7 +90,11 @@ def _parse_biopython(text, fmt, name):
     try:
         structure = parser.get_structure(name, io.StringIO(text))
     except (PDBConstructionException, ValueError, KeyError, IndexError) as exc:
-        raise DataError(f"{name}: not a valid {fmt.upper()} file ({type(exc).__name__}: {exc}).") from exc
+        raise DataError(
+            f"{path or name} is not a valid {'mmCIF' if fmt == 'cif' else 'PDB'} file ({type(exc).__name__}: "
+            f"{exc}); it may be truncated or in another format. Check that the file is complete and that its "
+            f"name's suffix matches its format."
+        ) from exc
     resolution = 0.0
     if fmt == "pdb":
         resolution = structure.header.get("resolution") or 0.0
@@ -146,7 +150,7 @@ def _is_amino_acid(residue):
 
 def _chain_to_protein(chain, resolution, name):
     aatype, positions, mask, numbers, bfactors = [], [], [], [], []
-    last_number = None
+    last_number, shift = None, 0
     for residue in chain:
         residue = _choose_variant(residue)
         if not _is_amino_acid(residue):
@@ -167,10 +171,12 @@ def _chain_to_protein(chain, resolution, name):
             pos[slot] = location.get_coord()
             msk[slot] = 1.0
             bf[slot] = location.get_bfactor()
-        # Insertion codes (e.g. 52, 52A, 52B) keep their author number; later residues are shifted up so the
-        # numbering stays strictly increasing and relative positions stay meaningful.
-        number = int(residue.id[1])
+        # Insertion codes (52, 52A, 52B, 53) and any other non-increasing numbers: the residue takes the next
+        # number and every later residue shifts by as much (52, 53, 54, 55), so numbering stays strictly
+        # increasing and a gap of missing residues after an insertion keeps its size.
+        number = int(residue.id[1]) + shift
         if last_number is not None and number <= last_number:
+            shift += last_number + 1 - number
             number = last_number + 1
         last_number = number
         aatype.append(rc.restype_order.get(rc.restype_3to1.get(resname, "X"), rc.unk_restype_index))
@@ -194,30 +200,48 @@ def _chain_to_protein(chain, resolution, name):
 
 def read_chains(path) -> Dict[str, Protein]:
     """Every protein chain of the first model of a PDB/mmCIF file (plain or .gz): {chain id: Protein}."""
+    return _protein_chains(path)[0]
+
+
+def _protein_chains(path):
+    """_read_all_chains, with a DataError naming what the file holds instead when it has no protein chain."""
+    chains, other = _read_all_chains(path)
+    if not chains:
+        found = "; ".join(f"chain {cid}: {', '.join(names)}" for cid, names in other.items())
+        raise DataError(f"{path} has no amino-acid residues ({found or 'no residues at all'}): nothing to use as "
+                        f"a protein chain. Give a file with the protein's ATOM records.")
+    return chains, other
+
+
+def _read_all_chains(path):
+    """({chain id: Protein} of the protein chains of the first model, {chain id: residue names} of the rest)."""
     fmt = structure_format(path)
     name = os.path.basename(str(path)).split(".")[0]
-    structure, resolution = _parse_biopython(_read_text(path), fmt, name)
-    models = list(structure)
+    structure, resolution = _parse_biopython(_read_text(path), fmt, name, path)
+    models = list(structure)  # NMR ensembles and multi-model files: the first model (MODEL 1) is the structure
     if not models:
-        raise DataError(f"{path} has no atoms (no MODEL / ATOM records).")
-    chains = {}
+        raise DataError(f"{path} has no atoms (no ATOM or HETATM records): it is empty, truncated before its "
+                        f"coordinates, or not a {'mmCIF' if fmt == 'cif' else 'PDB'} file.")
+    chains, other = {}, {}
     for chain in models[0]:
         protein = _chain_to_protein(chain, resolution, name)
         if protein is not None:
             chains[protein.chain_id] = protein
-    if not chains:
-        raise DataError(f"{path} has no amino-acid residues: nothing to use as a protein chain.")
-    return chains
+        else:
+            other[chain.id.strip() or "A"] = sorted({residue.get_resname() for residue in chain})
+    return chains, other
 
 
 def read_chain(path, chain_id: Optional[str] = None) -> Protein:
     """One protein chain of a structure file: `chain_id`, or the first protein chain when it is None."""
-    chains = read_chains(path)
+    chains, other = _protein_chains(path)
     if chain_id is None:
         return next(iter(chains.values()))
     if chain_id not in chains:
+        why = (f"chain {chain_id!r} holds no amino acids (only {', '.join(other[chain_id])}); " if chain_id in other
+               else f"it has no chain {chain_id!r}; ")
         raise DataError(
-            f"{path} has no protein chain {chain_id!r}; its protein chains are {', '.join(chains)}. Set the "
+            f"{path} has no protein chain {chain_id!r}: {why}its protein chains are {', '.join(chains)}. Set the "
             f"chain id to one of them."
         )
     return chains[chain_id]
