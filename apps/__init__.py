@@ -1,0 +1,1 @@
+"""Applications built on the ppzoo package (apps/web: the web service)."""
