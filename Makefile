@@ -1,10 +1,11 @@
 # make demo: set up .venv, train tiny ChuXin on the built-in corpus, generate from it.
 # make test: set up .venv with the dev requirements, run the test suite.
+# make serve: the web app (apps/web) on http://127.0.0.1:8000 with the tiny demo models (trained where missing).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN := output/chuxin_tiny
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench serve clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +29,9 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev output/tokenizer/tokenizer.json
 	$(PY) benchmarks/bench_train.py
+
+serve: $(VENV)/.runtime output/tokenizer/tokenizer.json
+	$(PY) apps/web/serve.py --demo $(if $(PORT),--port $(PORT))
 
 clean:
 	rm -rf output

@@ -9,9 +9,12 @@ import sys
 from ppzoo.errors import PpzooError
 
 
-def config_parser(description):
+def config_parser(description, config_required=True):
+    """The parser every tool starts from. A tool with a task that needs no config (e.g. scoring structure files)
+    passes config_required=False and checks -c itself for the tasks that do."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("-c", "--config", required=True, help="YAML config file (configs/<model>/<name>.yaml)")
+    parser.add_argument("-c", "--config", required=config_required,
+                        help="YAML config file (configs/<model>/<name>.yaml)")
     parser.add_argument(
         "-o", "--override", action="append", default=[], metavar="Section.key=value",
         help="override one config value; repeatable (e.g. -o Engine.max_steps=20)",

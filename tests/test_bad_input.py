@@ -47,7 +47,7 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
 def test_unknown_module_lists_the_valid_ones(tmp_path, write_config):
     config = write_config(tmp_path, Model={"module": "ChuXn"})
     assert_user_error(run_tool("train", ["-c", config]),
-                      "Unknown module 'ChuXn'", "Did you mean 'ChuXin'?", "Valid names: ChuXin")
+                      "Unknown module 'ChuXn'", "Did you mean 'ChuXin'?", "Valid names: ", "ChuXin, ")
 
 
 def test_unknown_key_suggests_the_closest(tmp_path, write_config):

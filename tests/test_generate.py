@@ -141,3 +141,24 @@ def test_logits_to_keep_computes_only_the_last_positions(model):
     assert last.shape == (2, 1, 259) and last3.shape == (2, 3, 259)
     np.testing.assert_allclose(last, full[:, -1:], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(last3, full[:, -3:], rtol=1e-5, atol=1e-5)
+
+
+def test_preallocated_cache_layers_may_differ_in_head_count():
+    """Decode steps through layers with 2 and 4 kv heads (as ERNIE Titan's universal and task modules) give
+    what the dense cache gives."""
+    rng = np.random.default_rng(0)
+    dense, preallocated = DenseKVCache(), PreallocatedKVCache(block_size=4)
+
+    def step(length):
+        for layer, heads in enumerate((2, 4)):
+            q, k, v = (paddle.to_tensor(rng.standard_normal([2, length, heads, 8]).astype("float32"))
+                       for _ in range(3))
+            expected = dense.attend(layer, q, k, v)
+            actual = preallocated.attend(layer, q, k, v)
+            np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+        dense.advance(length)
+        preallocated.advance(length)
+
+    step(3)  # prefill
+    for _ in range(3):
+        step(1)  # decode steps: one position per layer, written by row index

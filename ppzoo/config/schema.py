@@ -61,6 +61,7 @@ class OptimizerConfig:
     beta2: float = 0.95
     epsilon: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 disables clipping
+    tensor_fusion: bool = False  # pack parameters into contiguous buffers for the update (core/tensor_fusion.py)
     lr: LRScheduleConfig = field(default_factory=LRScheduleConfig)
 
 
@@ -82,6 +83,43 @@ class DataConfig:
 
 
 @dataclass
+class SEMoEConfig:
+    """SE-MoE (ppzoo.distributed.hierarchical_storage, fused_comm): expert parameters and their optimizer
+    states in tiers (fast = device, a CPU-memory cache, a disk tier of memory-mapped files)."""
+    enable: bool = False
+    fast_budget_mb: float = 64.0  # expert weights resident on the device
+    cpu_budget_mb: float = 256.0  # the CPU cache of expert weights + optimizer states
+    disk_dir: Optional[str] = None  # the disk tier; None: <Engine.output_dir>/expert_store
+    decay: float = 0.9  # the CPU cache's hit counts are multiplied by this every step
+    prefetch: bool = True  # bring the next MoE layer's experts up a tier in a background thread
+    fused_comm: bool = False  # bucketed gradient all-reduce and fused scalar collectives
+    bucket_mb: float = 25.0
+
+
+@dataclass
+class CrossClusterConfig:
+    """Nebula-I: this cluster's leader syncs a subset of the model with another cluster's over a WAN
+    (ppzoo.distributed.cross_cluster). Each cluster is its own Fleet job with its own config."""
+
+    enable: bool = False
+    role: str = "server"  # server: this leader listens on `address`; client: it dials `address`
+    address: str = "127.0.0.1:7700"  # HOST:PORT
+    cert: Optional[str] = None  # this cluster's certificate, key and the federation CA (tools/make_certs.py)
+    key: Optional[str] = None
+    ca_cert: Optional[str] = None
+    mode: str = "diloco"  # diloco: outer optimizer on pseudo-gradients | data_parallel: average gradients every step
+    sync_every: int = 10  # local steps between syncs (diloco)
+    sync_params: List[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns of the parameters that cross
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9  # Nesterov momentum of the outer optimizer
+    compression: str = "auto"  # auto (from the measured bandwidth) | none | int8 | topk | topk_int8
+    topk_ratio: float = 0.05  # for topk / topk_int8 when chosen explicitly
+    comm_budget_s: float = 0.5  # auto: the longest a sync message may take on the link
+    overlap_steps: int = 2  # local steps computed while a sync is in flight (0: wait for it)
+    reconnect_timeout: float = 120.0
+
+
+@dataclass
 class DistributedConfig:
     dp_degree: int = 1
     mp_degree: int = 1
@@ -89,6 +127,15 @@ class DistributedConfig:
     sharding_degree: int = 1
     sharding_stage: int = 1
     ep_degree: int = 1
+    # Dynamic axial parallelism (HelixFold): processes that split one protein's Evoformer activations
+    # (ppzoo.distributed.axial_parallel). Used through EvoformerStack.axial; the Engine trains with 1 only.
+    dap_degree: int = 1
+    # A topology YAML or P x P bandwidth matrix file (ppzoo.distributed.topology): MoE routing accounts its
+    # all-to-all traffic per link class against it, and topology-aware gates (TA-MoE) route by it.
+    topology: Optional[str] = None
+    # Nebula-I cross-cluster sync between two clusters' leaders (off unless enable: true).
+    cross_cluster: CrossClusterConfig = field(default_factory=CrossClusterConfig)
+    se_moe: SEMoEConfig = field(default_factory=SEMoEConfig)
 
 
 @dataclass

@@ -148,6 +148,42 @@ def resolve_resume(resume, output_dir):
     return path
 
 
+def shard_file(path, kind, ext, mp_rank, ep_size, ep_rank):
+    """The file of one expert-parallel shard: `model.mp0.pdparams` at ep 1, `model.mp0.ep1.pdparams` above."""
+    name = f"{kind}.mp{mp_rank}" + (f".ep{ep_rank}" if ep_size > 1 else "") + f".{ext}"
+    return os.path.join(path, name)
+
+
+def merge_expert_shards(path, kind, ext, mp_rank, ep_size):
+    """Elastic resume: the union of the `ep_size` shards of `kind` (model / optimizer) in checkpoint `path`.
+    Experts are named by their global index, so the union is the whole model's state whatever the degree it
+    was written at; replicated entries (dense weights, the LR schedule) are taken from shard 0."""
+    import paddle  # the checkpoint format itself needs no Paddle; only reading shards does
+
+    merged = {}
+    for ep_rank in range(ep_size):
+        file = shard_file(path, kind, ext, mp_rank, ep_size, ep_rank)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing: a checkpoint written at ep_degree={ep_size} needs all "
+                                  f"{ep_size} of its {kind} shards to be re-partitioned.")
+        for key, value in paddle.load(file).items():
+            merged.setdefault(key, value)
+    return merged
+
+
+_OPTIMIZER_SUFFIX = re.compile(r"^(.*)_(moment1_0|moment2_0|beta1_pow_acc_0|beta2_pow_acc_0)$")
+
+
+def keep_optimizer_state_of(state, parameter_names):
+    """The optimizer entries of `parameter_names` (structured names), and the entries of no parameter."""
+    kept = {}
+    for key, value in state.items():
+        match = _OPTIMIZER_SUFFIX.match(key)
+        if match is None or match.group(1) in parameter_names:
+            kept[key] = value
+    return kept
+
+
 def read_trainer_state(path):
     with open(os.path.join(path, TRAINER_STATE)) as f:
         return json.load(f)

@@ -24,9 +24,13 @@ from ppzoo.core.recompute import apply_recompute
 from ppzoo.data.datasets import build_dataset
 from ppzoo.data.sampler import DistributedBatchSampler, collate
 from ppzoo.data.tokenizer import Tokenizer
+from ppzoo.distributed.cross_cluster import build_cross_cluster
 from ppzoo.distributed.env import check_degrees, init_parallel_env
+from ppzoo.distributed.expert_parallel import sync_expert_gradients
+from ppzoo.distributed.fused_comm import allreduce_gradients, fused_mean
+from ppzoo.distributed.hierarchical_storage import build_expert_storage
 from ppzoo.errors import CheckpointError, ConfigError
-from ppzoo.registry import MODULES
+from ppzoo.registry import DATASETS, MODULES
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -74,12 +78,15 @@ class Engine:
         self._check_vocab()
 
         self.module = module if module is not None else MODULES.get(cfg.model_module)(cfg.Model, self.env)
+        # SE-MoE (Distributed.se_moe): the experts' weights and optimizer states move to tiered storage before
+        # the optimizer is built, so the Paddle optimizer holds the dense parameters only. None when disabled.
+        self.expert_storage = build_expert_storage(cfg, self.module, self.env.rank)
         self.train_dataset = train_dataset
         if self.train_dataset is None and cfg.Data.Train is not None:
-            self.train_dataset = build_dataset(cfg.Data.Train, self._require_tokenizer(), cfg.Data.seq_len)
+            self.train_dataset = build_dataset(cfg.Data.Train, self._tokenizer_for(cfg.Data.Train), cfg.Data.seq_len)
         self.eval_dataset = eval_dataset
         if self.eval_dataset is None and cfg.Data.Eval is not None:
-            self.eval_dataset = build_dataset(cfg.Data.Eval, self._require_tokenizer(), cfg.Data.seq_len)
+            self.eval_dataset = build_dataset(cfg.Data.Eval, self._tokenizer_for(cfg.Data.Eval), cfg.Data.seq_len)
 
         # GPU hybrid parallelism (mp / pp / sharding over NCCL) goes through fleet's hybrid wrappers, whose
         # optimizer clips by the norm across all groups; everywhere else ppzoo clips (clip_grad_norm).
@@ -95,6 +102,12 @@ class Engine:
             if cfg.Engine.recompute:
                 apply_recompute(self.module.recompute_units())
         self.amp = self._amp_settings()
+        if cfg.Optimizer.tensor_fusion and self.amp["enable"] and (self.amp["level"] == "O2" or self.amp["dtype"] == "float16"):
+            raise ConfigError(
+                f"Optimizer.tensor_fusion works with float32 parameters and bf16 O1 autocast, not with "
+                f"Engine.mix_precision level {self.amp['level']} / {self.amp['dtype']} (in {cfg.source}): set "
+                "mix_precision.level=O1 and dtype=bfloat16, or Optimizer.tensor_fusion=false."
+            )
         self.optimizer, self.lr_schedule = build_optimizer(
             cfg.Optimizer, self.network.parameters(), cfg.Engine.max_steps, paddle_clip=self.fleet_hybrid
         )
@@ -116,8 +129,18 @@ class Engine:
         else:
             self.model = self._wrap_data_parallel(self.network)
         self.step = 0
+        # Nebula-I: a link to another cluster's leader (Distributed.cross_cluster); None when not enabled.
+        self.cross_cluster = build_cross_cluster(cfg.Distributed.cross_cluster, self.module, self.env,
+                                                 cfg.Engine.max_steps)
 
     # ------------------------------------------------------------------------------------------ setup
+    def _tokenizer_for(self, section):
+        """The tokenizer a dataset section needs: none for datasets that declare `needs_tokenizer = False`
+        (images, or captions from a closed grammar with their own vocabulary)."""
+        if not getattr(DATASETS.get(section.dataset, where="Data"), "needs_tokenizer", True):
+            return self.tokenizer
+        return self._require_tokenizer()
+
     def _require_tokenizer(self):
         if self.tokenizer is None:
             raise ConfigError(
@@ -150,8 +173,13 @@ class Engine:
             return {"enable": False, "dtype": "float32", "level": "O0"}
         return {"enable": True, "dtype": mp.dtype, "level": mp.level}
 
+    def _fused_comm(self):
+        """Distributed.se_moe.fused_comm: dense gradients all-reduced in buckets by ppzoo (not DataParallel)
+        and the logged scalars averaged in one collective (ppzoo.distributed.fused_comm)."""
+        return self.cfg.Distributed.se_moe.fused_comm  # not with pp / sharding: refused by check_se_moe_config
+
     def _wrap_data_parallel(self, module):
-        if self.env.dp_size * self.env.sharding_size <= 1 or self.env.world_size <= 1:
+        if self.env.dp_size * self.env.sharding_size <= 1 or self.env.world_size <= 1 or self._fused_comm():
             return module
         from paddle.distributed import fleet
 
@@ -206,19 +234,35 @@ class Engine:
                 totals[name] = totals.get(name, 0.0) + float(value) / accumulate
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        # Expert-parallel weights (MoE experts) are left alone by the data-parallel wrappers: combined here.
+        if self._fused_comm():
+            allreduce_gradients(self.module.parameters(), self.env.dp_group, self.env.dp_size,
+                                int(self.cfg.Distributed.se_moe.bucket_mb * (1 << 20)))
+        stored = self.expert_storage.gradient_holders() if self.expert_storage is not None else []
+        sync_expert_gradients(list(self.module.parameters()) + stored, self.env)
+        if self.cross_cluster is not None:  # Nebula-I data_parallel baseline: average gradients across clusters
+            self.cross_cluster.before_optimizer_step()
         grad_norm = None
         if not self.fleet_hybrid:
-            grad_norm = clip_grad_norm(self.module.parameters(), self.cfg.Optimizer.grad_clip, self.env.mp_group)
+            grad_norm = clip_grad_norm(list(self.module.parameters()) + stored, self.cfg.Optimizer.grad_clip,
+                                       self.env.mp_group, self.env.ep_group)
         lr = self.optimizer.get_lr()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.expert_storage is not None:
+            self.expert_storage.step(lr)
         self.optimizer.clear_grad(set_to_zero=False)
         self.lr_schedule.step()
-        logged = {name: self._mean_over_dp(value) for name, value in totals.items()}
+        if self._fused_comm() and self.env.world_size > 1:
+            logged = fused_mean(totals, self.env.dp_group, self.env.dp_size)
+        else:
+            logged = {name: self._mean_over_dp(value) for name, value in totals.items()}
         logged.update(lr=lr, tokens=tokens * self.env.dp_size * self.env.sharding_size)
+        if self.expert_storage is not None:
+            logged.update(self.expert_storage.step_metrics())
         if grad_norm is not None:
             logged["grad_norm"] = grad_norm
         return logged
@@ -273,6 +317,8 @@ class Engine:
         while self.step < cfg.max_steps:
             logged = self.train_step(self.step, sampler)
             self.step += 1
+            if self.cross_cluster is not None:  # Nebula-I: sync the shared subset with the other cluster
+                logged.update(self.cross_cluster.after_step(self.step))
             window_tokens += logged.pop("tokens")
             is_last = self.step == cfg.max_steps
             if self.step % cfg.logging_freq == 0 or is_last:
@@ -296,6 +342,9 @@ class Engine:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if self.cross_cluster is not None:
+            self.cross_cluster.close()
+            last = dict(last, **self.cross_cluster.stats())
         return {
             "step": self.step,
             "loss": last.get("loss"),
@@ -303,6 +352,8 @@ class Engine:
             **{k: v for k, v in eval_metrics.items()},
             "checkpoint": saved,
             "output_dir": self.output_dir,
+            **({k: v for k, v in last.items() if k.startswith("wan_") or k == "wall_time"}
+               if self.cross_cluster is not None else {}),
         }
 
     # ------------------------------------------------------------------------------------- evaluation
@@ -382,9 +433,15 @@ class Engine:
             ckpt.begin(root, self.step)
         self._barrier()
         tmp = ckpt.temporary_dir(root, self.step)
-        if self.env.dp_rank == 0:
-            paddle.save(self.network.state_dict(), os.path.join(tmp, f"model.{r}.pdparams"))
-            paddle.save(_rename_optimizer_state(self.optimizer.state_dict(), self._paddle_to_structured_names()),
+        # One writer per distinct shard: dp rank 0, or under expert parallelism the first ep group's ranks.
+        if self.env.dp_rank < self.env.ep_size:
+            model_state = self.network.state_dict()
+            optimizer_state = _rename_optimizer_state(self.optimizer.state_dict(), self._paddle_to_structured_names())
+            if self.expert_storage is not None:  # the same files and names as the all-in-memory run's
+                model_state.update(self.expert_storage.model_state())
+                optimizer_state.update(self.expert_storage.optimizer_state())
+            paddle.save(model_state, os.path.join(tmp, f"model.{r}.pdparams"))
+            paddle.save(optimizer_state,
                         os.path.join(tmp, f"optimizer.{r}.pdopt"))
             paddle.save({"paddle": paddle.get_rng_state()}, os.path.join(tmp, f"rng.{r}.pdrng"))
         if self.is_main:
@@ -393,6 +450,7 @@ class Engine:
                 "step": self.step,
                 "consumed_samples": self.step * self.cfg.Global.global_batch_size,
                 "mp_size": self.env.mp_size,
+                "ep_size": self.env.ep_size,
                 "config": config_to_dict(self.cfg),
                 "python_random": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
                 "numpy_random": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -414,6 +472,8 @@ class Engine:
         """This rank's part of a checkpoint: `mp0` on one process; pipeline stages and optimizer-state
         shards (GPU) add `.pp1` / `.sh1`. Data-parallel replicas are identical and share one file."""
         name = f"mp{self.env.mp_rank}"
+        if self.env.ep_size > 1:
+            name += f".ep{self.env.ep_rank}"  # this rank's experts (and any rank-local gates)
         if self.env.pp_size > 1:
             name += f".pp{self.env.pp_rank}"
         if self.env.sharding_size > 1:
@@ -429,12 +489,29 @@ class Engine:
                 f"mp_degree={self.env.mp_size}; resume with the same tensor-parallel degree."
             )
         r = self._shard_name()
-        self.network.set_state_dict(paddle.load(os.path.join(path, f"model.{r}.pdparams")))
+        saved_ep = state.get("ep_size", 1)
+        if saved_ep == self.env.ep_size:
+            model_state = paddle.load(os.path.join(path, f"model.{r}.pdparams"))
+            optimizer_state = paddle.load(os.path.join(path, f"optimizer.{r}.pdopt"))
+            rng_file = f"rng.{r}.pdrng"
+        else:
+            # Elastic: the checkpoint's experts were spread over another ep degree. Every shard is read and
+            # merged (experts are named by global index), and this rank keeps the experts it now holds.
+            model_state = ckpt.merge_expert_shards(path, "model", "pdparams", self.env.mp_rank, saved_ep)
+            optimizer_state = ckpt.merge_expert_shards(path, "optimizer", "pdopt", self.env.mp_rank, saved_ep)
+            own = set(self.network.state_dict())
+            if self.expert_storage is not None:
+                own |= set(self.expert_storage.model_state())
+            model_state = {k: v for k, v in model_state.items() if k in own}
+            optimizer_state = ckpt.keep_optimizer_state_of(optimizer_state, own)
+            rng_file = ckpt.shard_file(path, "rng", "pdrng", self.env.mp_rank, saved_ep,
+                                       min(self.env.ep_rank, saved_ep - 1))
+        if self.expert_storage is not None:
+            self.expert_storage.load_state(model_state, optimizer_state)
+        self.network.set_state_dict(model_state)
         structured_to_paddle = {v: k for k, v in self._paddle_to_structured_names().items()}
-        self.optimizer.set_state_dict(
-            _rename_optimizer_state(paddle.load(os.path.join(path, f"optimizer.{r}.pdopt")), structured_to_paddle)
-        )
-        paddle.set_rng_state(paddle.load(os.path.join(path, f"rng.{r}.pdrng"))["paddle"])
+        self.optimizer.set_state_dict(_rename_optimizer_state(optimizer_state, structured_to_paddle))
+        paddle.set_rng_state(paddle.load(os.path.join(path, rng_file))["paddle"])
         py = state["python_random"]
         random.setstate((py[0], tuple(py[1]), py[2]))
         np_state = state["numpy_random"]
@@ -465,23 +542,30 @@ class Engine:
                 "pipeline-parallel layout."
             )
         loaded = paddle.load(shard)
+        if self.expert_storage is not None:  # the experts' weights go to the storage (fresh optimizer states)
+            self.expert_storage.load_state(loaded, {})
         own = self.network.state_dict()
-        missing = [name for name in own if name not in loaded]
+        # Parts the module adds to a pretrained model (Module.init_from_skips) keep their fresh initialization.
+        skips = tuple(self.module.init_from_skips())
+        own_loaded = {name: param for name, param in own.items() if not (name not in loaded and name.startswith(skips))}
+        missing = [name for name in own_loaded if name not in loaded]
         unexpected = [name for name in loaded if name not in own]
         if missing or unexpected:
             raise CheckpointError(
                 f"{where}: the checkpoint's tensors do not match the model: missing {missing[:5]}, unexpected "
                 f"{unexpected[:5]}. Model.module and the architecture must be the checkpoint's."
             )
-        for name, param in own.items():
+        for name, param in own_loaded.items():
             if list(loaded[name].shape) != list(param.shape):
                 raise CheckpointError(
                     f"{where}: tensor {name} has shape {list(loaded[name].shape)} in the checkpoint but "
                     f"{list(param.shape)} in this model. Only seq_len, rope_theta / rope_position_scale and "
                     "max_position_embeddings may change; the other Model sizes must be the checkpoint's."
                 )
-        # Cast to the run's dtypes (e.g. fp32 weights into a bf16 O2 run); set_state_dict does not.
-        self.network.set_state_dict({name: loaded[name].astype(param.dtype) for name, param in own.items()})
+        # Cast to the run's dtypes (e.g. fp32 weights into a bf16 O2 run); set_state_dict does not. Skipped
+        # tensors are given their own values (set_state_dict warns about every tensor it is not given).
+        self.network.set_state_dict({name: loaded[name].astype(param.dtype) if name in own_loaded else param
+                                     for name, param in own.items()})
         return state
 
 

@@ -40,6 +40,12 @@ class Module(nn.Layer):
         """The sub-layers the Engine may wrap in activation recompute (e.g. the decoder layers)."""
         return []
 
+    def init_from_skips(self):
+        """Prefixes of parameter names an Engine.init_from checkpoint need not hold: parts this module adds
+        to a pretrained model (e.g. RecycleGPT's recyclable module over a ChuXin checkpoint). They keep their
+        fresh initialization; every other tensor must be in the checkpoint."""
+        return ()
+
     def input_spec(self):
         """paddle.static.InputSpec list describing the exported forward."""
         raise NotImplementedError

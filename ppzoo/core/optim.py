@@ -3,6 +3,7 @@ import math
 
 import paddle
 
+from ppzoo.core.tensor_fusion import fuse_optimizer
 from ppzoo.registry import LR_SCHEDULES, OPTIMIZERS, register_lr_schedule, register_optimizer
 
 
@@ -41,6 +42,9 @@ class ConstantLR(paddle.optimizer.lr.LRScheduler):
 
 def _no_decay(param):
     # Norm weights and biases are not decayed (the usual LLaMA/GPT recipe); matrices are.
+    group = getattr(param, "fused_group", None)  # a tensor fusion buffer (flat) says which kind it holds
+    if group is not None:
+        return group.startswith("no_decay")
     return param.ndim < 2
 
 
@@ -72,21 +76,31 @@ def build_optimizer(opt_cfg, parameters, max_steps, paddle_clip=False):
         warmup_steps=lr_cfg.warmup_steps,
         decay_steps=lr_cfg.decay_steps if lr_cfg.decay_steps is not None else max_steps,
     )
-    optimizer = OPTIMIZERS.get(opt_cfg.name, where="Optimizer.name")(opt_cfg, list(parameters), schedule, paddle_clip)
+    build = OPTIMIZERS.get(opt_cfg.name, where="Optimizer.name")
+    if opt_cfg.tensor_fusion:
+        optimizer = fuse_optimizer(lambda buffers: build(opt_cfg, buffers, schedule, paddle_clip), list(parameters),
+                                   lambda p: "no_decay" if _no_decay(p) else "decay", paddle_clip)
+    else:
+        optimizer = build(opt_cfg, list(parameters), schedule, paddle_clip)
     return optimizer, schedule
 
 
 @paddle.no_grad()
-def clip_grad_norm(parameters, max_norm, mp_group=None):
+def clip_grad_norm(parameters, max_norm, mp_group=None, ep_group=None):
     """Scale gradients so their global L2 norm is at most max_norm; returns the norm before clipping.
 
     Parameters split across tensor-parallel ranks (`mp_split_axis` set) contribute their local squares,
-    summed over the mp group; replicated parameters are counted once."""
-    grads_split, grads_replicated = [], []
+    summed over the mp group; expert-parallel ones (`expert_parallel` set: each ep rank holds its own
+    experts) summed over the ep group; replicated parameters are counted once."""
+    parameters = list(parameters)
+    grads_split, grads_replicated, grads_expert = [], [], []
     for p in parameters:
         if p.grad is None:
             continue
-        (grads_split if getattr(p, "mp_split_axis", None) is not None else grads_replicated).append(p.grad)
+        if getattr(p, "expert_parallel", None) is not None:
+            grads_expert.append(p.grad)
+        else:
+            (grads_split if getattr(p, "mp_split_axis", None) is not None else grads_replicated).append(p.grad)
     def sum_squares(grads):
         if not grads:
             return paddle.zeros([], dtype="float32")
@@ -98,7 +112,10 @@ def clip_grad_norm(parameters, max_norm, mp_group=None):
     split_sq = sum_squares(grads_split)
     if mp_group is not None and mp_group.nranks > 1:
         paddle.distributed.all_reduce(split_sq, group=mp_group)
-    total_norm = paddle.sqrt(split_sq + sum_squares(grads_replicated))
+    expert_sq = sum_squares(grads_expert)
+    if ep_group is not None and ep_group.nranks > 1:
+        paddle.distributed.all_reduce(expert_sq, group=ep_group)
+    total_norm = paddle.sqrt(split_sq + expert_sq + sum_squares(grads_replicated))
     if max_norm and max_norm > 0:
         coef = max_norm / (float(total_norm) + 1e-6)
         if coef < 1.0:

@@ -35,6 +35,15 @@ class ParallelEnv:
     hcg: Any = None  # fleet's HybridCommunicateGroup; None at world size 1
     dp_group: Any = None  # paddle.distributed Group; None at world size 1
     mp_group: Any = None
+    # Expert parallelism (see ppzoo.distributed.expert_parallel): the ep group splits the dp group; ranks with
+    # the same ep rank form the expert-data-parallel (edp) group. `ep_ranks`: global ranks of the ep group.
+    ep_size: int = 1
+    ep_rank: int = 0
+    ep_group: Any = None
+    ep_ranks: tuple = (0,)
+    expert_dp_size: int = 1
+    expert_dp_group: Any = None
+    topology: Any = None  # ppzoo.distributed.topology.Topology of the whole job, from Distributed.topology
 
 
 def backend_for_device(device: str) -> str:
@@ -77,6 +86,25 @@ def check_degrees(dist_cfg, world_size: int, device: str) -> None:
             "group_sharded_parallel."
         )
 
+    dap = getattr(dist_cfg, "dap_degree", 1)
+    if dap != 1:
+        raise ConfigError(
+            f"Distributed.dap_degree={dap!r}: the Engine does not split training over an axial-parallel group; "
+            "set dap_degree: 1. Axial parallelism runs by giving HelixFold's EvoformerStack / ExtraMSAStack an "
+            "AxialParallel group (ppzoo.distributed.axial_parallel.new_axial_parallel)."
+        )
+
+    ep = getattr(dist_cfg, "ep_degree", 1)
+    if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+        raise ConfigError(f"Distributed.ep_degree must be a positive integer, got {ep!r}.")
+    if ep > 1 and (dist_cfg.dp_degree % ep or dist_cfg.mp_degree > 1 or dist_cfg.pp_degree > 1
+                   or dist_cfg.sharding_degree > 1):
+        raise ConfigError(
+            f"Distributed.ep_degree={ep} spreads the experts over data-parallel ranks: it must divide "
+            f"dp_degree={dist_cfg.dp_degree}, with mp_degree, pp_degree and sharding_degree 1. Set e.g. "
+            f"dp_degree: {ep * max(1, dist_cfg.dp_degree // ep)} and ep_degree: {ep}."
+        )
+
     product = 1
     for value in degrees.values():
         product *= value
@@ -101,9 +129,14 @@ def init_parallel_env(dist_cfg, device: str, pipeline_configs=None) -> ParallelE
     world_size = dist.get_world_size()
     check_degrees(dist_cfg, world_size, device)
     backend = backend_for_device(device)
+    topology = None
+    if getattr(dist_cfg, "topology", None):
+        from ppzoo.distributed.topology import load_topology
+
+        topology = load_topology(dist_cfg.topology, world_size)
 
     if world_size == 1:
-        return ParallelEnv(device=device, backend=backend)
+        return ParallelEnv(device=device, backend=backend, topology=topology)
 
     from paddle.distributed import fleet
 
@@ -120,7 +153,7 @@ def init_parallel_env(dist_cfg, device: str, pipeline_configs=None) -> ParallelE
     # gloo group (all_reduce SUM/MAX, all_gather), so no hand-made new_group() is needed.
     fleet.init(is_collective=True, strategy=strategy)
     hcg = fleet.get_hybrid_communicate_group()
-    return ParallelEnv(
+    env = ParallelEnv(
         world_size=world_size,
         rank=dist.get_rank(),
         dp_rank=hcg.get_data_parallel_rank(),
@@ -136,7 +169,26 @@ def init_parallel_env(dist_cfg, device: str, pipeline_configs=None) -> ParallelE
         mp_group=hcg.get_model_parallel_group(),
         pp_rank=hcg.get_stage_id(),
         sharding_rank=hcg.get_sharding_parallel_rank(),
+        topology=topology,
     )
+    _set_expert_parallel_groups(env, hcg, getattr(dist_cfg, "ep_degree", 1))
+    return env
+
+
+def _set_expert_parallel_groups(env, hcg, ep_degree):
+    """Fill in the ep and expert-data-parallel groups (ep_degree 1: every expert on every rank, the
+    expert-data-parallel group is the dp group)."""
+    env.ep_size = ep_degree
+    env.ep_rank = env.dp_rank % ep_degree
+    if ep_degree == 1:
+        env.ep_ranks = (env.rank,)
+        env.expert_dp_size, env.expert_dp_group = env.dp_size, env.dp_group
+        return
+    from ppzoo.distributed.expert_parallel import build_expert_parallel_groups
+
+    ep_ranks, env.ep_group, edp_ranks, env.expert_dp_group = build_expert_parallel_groups(
+        hcg.topology().get_comm_list("data"), ep_degree, env.rank)
+    env.ep_ranks, env.expert_dp_size = tuple(ep_ranks), len(edp_ranks)
 
 
 def fleet_tensor_parallel_applies(mp_size: int, device: str, backend: str) -> bool:

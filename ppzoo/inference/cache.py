@@ -89,7 +89,7 @@ class PreallocatedKVCache(KVCache):
         self.keys, self.values = {}, {}  # per layer, [b, kv_heads, capacity, d]
         # The same memory as [b * kv_heads * capacity, d] rows (reshape shares it), for scatter_ (see _write).
         self._key_rows, self._value_rows = {}, {}
-        self._row_memo = None  # (length, capacity, row indices of the current decode step)
+        self._row_memo = None  # (length, {(batch * kv_heads, capacity): row indices of this decode step})
         self._mask_memo = None  # (length, source mask, capacity, padded mask) of the current forward
 
     @property
@@ -101,50 +101,64 @@ class PreallocatedKVCache(KVCache):
         d = keys.shape[-1]
         self._key_rows[layer_idx], self._value_rows[layer_idx] = keys.reshape([-1, d]), values.reshape([-1, d])
 
+    def _grown_capacity(self, end):
+        """The capacity that holds `end` positions: whole blocks, at most max_length."""
+        capacity = -(-end // self.block_size) * self.block_size
+        return min(capacity, self.max_length) if self.max_length is not None else capacity
+
+    @staticmethod
+    def _grown(buffer, like, capacity):
+        """A head-major buffer [b, kv_heads, capacity, d] (new positions zero): `buffer` extended, or a new one
+        shaped after `like` [b, s, kv_heads, d] when there is none yet."""
+        b, _, h, d = like.shape
+        if buffer is None:
+            return paddle.zeros([b, h, capacity, d], dtype=like.dtype)
+        tail = paddle.zeros([b, h, capacity - buffer.shape[2], d], dtype=buffer.dtype)
+        return paddle.concat([buffer, tail], axis=2)
+
     def _reserve(self, layer_idx, k, end):
         """Make the layer's buffers hold at least `end` positions (new ones zero)."""
-        keys, values = self.keys.get(layer_idx), self.values.get(layer_idx)
+        keys = self.keys.get(layer_idx)
         if keys is not None and end <= keys.shape[2]:
             return
-        capacity = -(-end // self.block_size) * self.block_size
-        if self.max_length is not None:
-            capacity = min(capacity, self.max_length)
-        b, _, h, d = k.shape
-        if keys is None:
-            keys = paddle.zeros([b, h, capacity, d], dtype=k.dtype)
-            values = paddle.zeros([b, h, capacity, d], dtype=k.dtype)
-        else:
-            tail = paddle.zeros([b, h, capacity - keys.shape[2], d], dtype=keys.dtype)
-            keys, values = paddle.concat([keys, tail], axis=2), paddle.concat([values, tail], axis=2)
-        self._store(layer_idx, keys, values)
+        capacity = self._grown_capacity(end)
+        self._store(layer_idx, self._grown(keys, k, capacity), self._grown(self.values.get(layer_idx), k, capacity))
 
     def _decode_rows(self, batch_heads, capacity):
         """Row indices (into the [b * kv_heads * capacity, d] view) of position `length` of every (row, head):
-        the same for every layer of a forward, so built once."""
-        memo = self._row_memo
-        if memo is None or memo[0] != self.length or memo[1] != capacity:
-            rows = paddle.arange(self.length, batch_heads * capacity, capacity, dtype="int64")
-            self._row_memo = memo = (self.length, capacity, rows)
-        return memo[2]
+        the same for every layer of a forward with the same head count, so built once per shape."""
+        if self._row_memo is None or self._row_memo[0] != self.length:
+            self._row_memo = (self.length, {})
+        by_shape = self._row_memo[1]  # keyed by shape: layers may differ in kv heads (e.g. ERNIE Titan)
+        rows = by_shape.get((batch_heads, capacity))
+        if rows is None:
+            rows = by_shape[(batch_heads, capacity)] = paddle.arange(
+                self.length, batch_heads * capacity, capacity, dtype="int64")
+        return rows
+
+    def _check_room(self, num_new):
+        end = self.length + num_new
+        if self.max_length is not None and end > self.max_length:
+            raise ValueError(f"the cache holds at most {self.max_length} positions; this forward needs {end}")
+        return end
+
+    def _put(self, buffer, rows_view, x):
+        """Write x [b, s, kv_heads, d] at positions length .. length + s of a head-major buffer (`rows_view`: the
+        same memory as [b * kv_heads * capacity, d] rows)."""
+        if x.shape[1] == 1:
+            # One position: a row scatter into the flat view, which writes in place like the slice
+            # assignment below but costs 2.5 instead of 17 us at batch 8 (setitem's index parsing).
+            b, _, h, d = x.shape
+            paddle.scatter_(rows_view, self._decode_rows(b * h, buffer.shape[2]), x.reshape([-1, d]))
+        else:
+            buffer[:, :, self.length:self.length + x.shape[1]] = heads_first(x)
 
     def _write(self, layer_idx, k, v):
         """Store k/v [b, s, kv_heads, d] at positions length .. length + s; return the layer's buffers."""
-        s = k.shape[1]
-        end = self.length + s
-        if self.max_length is not None and end > self.max_length:
-            raise ValueError(f"the cache holds at most {self.max_length} positions; this forward needs {end}")
-        self._reserve(layer_idx, k, end)
+        self._reserve(layer_idx, k, self._check_room(k.shape[1]))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if s == 1:
-            # One position: a row scatter into the flat view, which writes in place like the slice
-            # assignment below but costs 2.5 instead of 17 us at batch 8 (setitem's index parsing).
-            b, _, h, d = k.shape
-            rows = self._decode_rows(b * h, keys.shape[2])
-            paddle.scatter_(self._key_rows[layer_idx], rows, k.reshape([-1, d]))
-            paddle.scatter_(self._value_rows[layer_idx], rows, v.reshape([-1, d]))
-        else:
-            keys[:, :, self.length:end] = heads_first(k)
-            values[:, :, self.length:end] = heads_first(v)
+        self._put(keys, self._key_rows[layer_idx], k)
+        self._put(values, self._value_rows[layer_idx], v)
         return keys, values
 
     def _capacity_mask(self, additive_mask, num_new, capacity):
@@ -188,6 +202,11 @@ class PreallocatedKVCache(KVCache):
             self._store(layer, paddle.index_select(self.keys[layer], index, axis=0),
                         paddle.index_select(self.values[layer], index, axis=0))
         self._mask_memo = self._row_memo = None
+
+    def memory_report(self):
+        """Bytes the buffers hold (all in fast memory: the compute device's, or Paddle's host memory)."""
+        held = sum(int(np.prod(t.shape)) * t.element_size() for t in [*self.keys.values(), *self.values.values()])
+        return {"fast_tier_bytes": held, "offloaded_bytes": 0, "dense_cache_bytes": held}
 
 
 class PassedKVCache(KVCache):

@@ -216,13 +216,29 @@ def _inline_pylayers():
         StaticPyLayer.apply = original
 
 
-def _trace_and_save(lm, path_prefix):
-    spec = _input_spec(lm.config)
-    with _traceable_rope(lm.config.head_dim), _inline_pylayers(), warnings.catch_warnings():
+@contextlib.contextmanager
+def tracing_context(head_dim=None):
+    """The export-only adjustments while a ppzoo model is traced: RoPE's matrix as a constant (when the model
+    uses RoPE with `head_dim`), PyLayers as their forward ops, and no .contiguous() warnings."""
+    with contextlib.ExitStack() as stack:
+        if head_dim is not None:
+            stack.enter_context(_traceable_rope(head_dim))
+        stack.enter_context(_inline_pylayers())
+        stack.enter_context(warnings.catch_warnings())
         # Static-graph values have no .contiguous(); Paddle warns once per call site and returns the value.
         warnings.filterwarnings("ignore", message=".*contiguous.*")
-        static = paddle.jit.to_static(_ExportedForward(lm), input_spec=spec, full_graph=True)
+        yield
+
+
+def trace_and_save(layer, input_spec, path_prefix, head_dim=None):
+    """paddle.jit.save of `layer` traced (full graph) with `input_spec` inside tracing_context."""
+    with tracing_context(head_dim):
+        static = paddle.jit.to_static(layer, input_spec=input_spec, full_graph=True)
         paddle.jit.save(static, path_prefix)
+
+
+def _trace_and_save(lm, path_prefix):
+    trace_and_save(_ExportedForward(lm), _input_spec(lm.config), path_prefix, lm.config.head_dim)
 
 
 def _eager_reference(lm, feeds):
@@ -426,3 +442,11 @@ def verify_files(model_dir, metadata, checksums=True):
                 f"{path} does not match its size/checksum in {METADATA_FILE} (truncated or corrupt); "
                 "export the model again"
             )
+
+
+# Public names of the export directory helpers, for the other exporters (folding_export, export_families).
+prepare_destination = _prepare_destination
+move_into_place = _move_into_place
+write_metadata = _write_metadata
+write_tokenizer = _write_tokenizer
+file_entry = _file_entry

@@ -9,6 +9,11 @@ Chunked prefill (`prefill_chunk`): a long prompt is fed through the model in pie
 attending to the cache of the pieces before it, so attention holds a [chunk, past + chunk] score matrix per
 head instead of [prompt, prompt]: memory grows linearly with the prompt, not quadratically. The result is
 the same as one full forward (the masks are the same rows of the full causal mask).
+
+Decoded prompt tail (`decode_tail`): a prompt's last n tokens go through the model one at a time, as decode
+steps do, instead of in the prefill. The logits are the same for a dense cache; a cache policy that treats
+decode steps differently (KCache fetches only some values) then also acts on them, e.g. on the question at
+the end of a needle-in-a-haystack prompt, whose answer otherwise comes straight out of the prefill.
 """
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -83,18 +88,58 @@ def _pending_length(text, stop_strings):
     return 0
 
 
+class TextRows:
+    """Each row's generated tokens and the text streamed so far. A row ends at a stop token or a stop string
+    (cut before it); text that may still change is held back (see _pending_length) until flush()."""
+
+    def __init__(self, tokenizer, batch, stop_ids, stop_strings):
+        self.tokenizer = tokenizer
+        self.stop_ids, self.stop_strings = stop_ids, stop_strings
+        self.generated = [[] for _ in range(batch)]
+        self.emitted = ["" for _ in range(batch)]
+        self.done = np.zeros(batch, dtype=bool)
+
+    def add(self, row, token):
+        """Append a token to a row; returns the row's newly streamable text (possibly '')."""
+        if self.done[row]:
+            return ""
+        if token in self.stop_ids:
+            self.done[row] = True
+            return ""
+        self.generated[row].append(token)
+        text = self.tokenizer.decode(self.generated[row])
+        hit = next((s for s in self.stop_strings if s in text), None)
+        if hit:
+            text = text[: text.index(hit)]
+            self.done[row] = True
+        final = text if self.done[row] else text[: len(text) - _pending_length(text, self.stop_strings)]
+        piece = final[len(self.emitted[row]):]
+        self.emitted[row] = final
+        return piece
+
+    def flush(self):
+        """Each row's held-back text (at the end of generation)."""
+        return [self.tokenizer.decode(g)[len(e):] if not d else ""
+                for g, e, d in zip(self.generated, self.emitted, self.done)]
+
+
 class Generator:
     """`prefill_chunk`: feed prompts through the model at most this many tokens at a time (None: all at
-    once); see the module docstring."""
+    once); `decode_tail`: feed each prompt's last this many tokens one at a time, as decode steps (0: none);
+    see the module docstring."""
 
-    def __init__(self, model, tokenizer, cache_factory=DenseKVCache, max_length=None, prefill_chunk=None):
+    def __init__(self, model, tokenizer, cache_factory=DenseKVCache, max_length=None, prefill_chunk=None,
+                 decode_tail=0):
         if prefill_chunk is not None and prefill_chunk < 1:
             raise PpzooError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk}")
+        if decode_tail < 0:
+            raise PpzooError(f"decode_tail must be a number of prompt tokens >= 0, got {decode_tail}")
         self.model = model
         self.tokenizer = tokenizer
         self.cache_factory = cache_factory
         self.max_length = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.prefill_chunk = prefill_chunk
+        self.decode_tail = decode_tail
 
     # ------------------------------------------------------------------------------------- helpers
     def _encode_prompts(self, prompts, truncate):
@@ -157,13 +202,16 @@ class Generator:
 
         With prefill_chunk set, n > chunk tokens go through in chunks: chunk i's queries see the valid keys of
         every earlier chunk (now in the cache) and, causally, of their own chunk, exactly the rows of the
-        full forward's mask, so the result matches the unchunked forward."""
+        full forward's mask, so the result matches the unchunked forward. With decode_tail, a prefill's last
+        tokens (all but its first) go through one at a time after the chunks, the same way."""
         num_new = step_ids.shape[1]
         past = valid.shape[1] - num_new
-        chunk = self.prefill_chunk or num_new
+        head = num_new - min(self.decode_tail, num_new - 1)
+        chunk = self.prefill_chunk or head
+        bounds = [(start, min(start + chunk, head)) for start in range(0, head, chunk)]
+        bounds += [(start, start + 1) for start in range(head, num_new)]
         logits = None
-        for start in range(0, num_new, chunk):
-            end = min(start + chunk, num_new)
+        for start, end in bounds:
             logits = self.model(
                 paddle.to_tensor(step_ids[:, start:end]),
                 position_ids=paddle.to_tensor(step_pos[:, start:end], dtype="int64"),
@@ -216,9 +264,7 @@ class Generator:
         seen = np.zeros((batch, max(self.tokenizer.vocab_size, 1)), dtype=bool)
         for i, r in enumerate(rows):
             seen[i, r] = True
-        generated = [[] for _ in range(batch)]
-        emitted_text = ["" for _ in range(batch)]
-        done = np.zeros(batch, dtype=bool)
+        texts = TextRows(self.tokenizer, batch, stop_ids, sampling.stop_strings)
 
         step_ids, step_pos = ids, positions
         try:
@@ -228,32 +274,15 @@ class Generator:
                 next_tokens = self._choose(next_logits, paddle.to_tensor(seen[:, :vocab]), sampling, generator)
                 pieces = []
                 for i in range(batch):
-                    if done[i]:
-                        pieces.append("")
-                        continue
-                    token = int(next_tokens[i])
-                    if token in stop_ids:
-                        done[i] = True
-                        pieces.append("")
-                        continue
-                    generated[i].append(token)
-                    seen[i, token] = True
-                    text = self.tokenizer.decode(generated[i])
-                    hit = next((s for s in sampling.stop_strings if s in text), None)
-                    if hit:
-                        text = text[: text.index(hit)]
-                        done[i] = True
-                    final = text if done[i] else text[: len(text) - _pending_length(text, sampling.stop_strings)]
-                    pieces.append(final[len(emitted_text[i]):])
-                    emitted_text[i] = final
+                    pieces.append(texts.add(i, int(next_tokens[i])))
+                    seen[i, int(next_tokens[i])] = True
                 yield pieces
-                if done.all():
+                if texts.done.all():
                     break
                 valid = np.concatenate([valid, np.ones((batch, 1), dtype=bool)], axis=1)
                 step_pos = step_pos[:, -1:] + 1
                 step_ids = next_tokens.reshape(batch, 1).astype(np.int64)
-            # Text held back (see _pending_length) is flushed at the end.
-            tail = [self.tokenizer.decode(g)[len(e):] if not d else "" for g, e, d in zip(generated, emitted_text, done)]
+            tail = texts.flush()
             if any(tail):
                 yield tail
         finally:

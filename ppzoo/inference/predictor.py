@@ -62,6 +62,29 @@ def _gpu_available():
     return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
+def create_paddle_predictor(program, params, threads=None, onednn=False):
+    """A paddle.inference predictor of one saved program (model.json + model.pdiparams): on the GPU when
+    there is one, else on `threads` CPU threads with oneDNN only if asked (see Predictor)."""
+    config = inference.Config(program, params)
+    if _gpu_available():
+        config.enable_use_gpu(256, 0)  # initial memory pool (MB), device 0
+    else:
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(threads or default_threads())
+        if onednn:
+            config.enable_onednn()
+        else:
+            config.disable_onednn()
+    # (config.enable_memory_optim() is not called: it fails on CPU builds of Paddle 3.3.)
+    config.disable_glog_info()
+    try:
+        return inference.create_predictor(config)
+    except Exception as err:  # Paddle raises bare RuntimeErrors for unreadable programs
+        raise CheckpointError(
+            f"Paddle cannot load the exported program {program} ({err}); export the model again"
+        ) from None
+
+
 class Predictor:
     """A paddle.inference predictor for one exported model directory.
 
@@ -79,25 +102,8 @@ class Predictor:
         verify_files(self.model_dir, self.metadata, checksums=verify)
         program = os.path.join(self.model_dir, self.metadata["program"]["model"])
         params = os.path.join(self.model_dir, self.metadata["program"]["params"])
-        config = inference.Config(program, params)
         self.on_gpu = _gpu_available()
-        if self.on_gpu:
-            config.enable_use_gpu(256, 0)  # initial memory pool (MB), device 0
-        else:
-            config.disable_gpu()
-            config.set_cpu_math_library_num_threads(threads or default_threads())
-            if onednn:
-                config.enable_onednn()
-            else:
-                config.disable_onednn()
-        # (config.enable_memory_optim() is not called: it fails on CPU builds of Paddle 3.3.)
-        config.disable_glog_info()
-        try:
-            self._predictor = inference.create_predictor(config)
-        except Exception as err:  # Paddle raises bare RuntimeErrors for unreadable programs
-            raise CheckpointError(
-                f"Paddle cannot load the exported program {program} ({err}); export the model again"
-            ) from None
+        self._predictor = create_paddle_predictor(program, params, threads, onednn)
         self.num_layers = self.metadata["cache"].get("num_layers")
         expected_inputs = input_names(self.num_layers) if isinstance(self.num_layers, int) else None
         self._input_order = list(self._predictor.get_input_names())
@@ -282,7 +288,13 @@ def model_config_from_metadata(metadata, model_dir):
 
 
 def load_exported(model_dir, threads=None, onednn=False, verify=True):
-    """(ExportedLanguageModel, tokenizer, metadata) of an exported model directory."""
+    """(ExportedLanguageModel, tokenizer, metadata) of an exported model directory. A directory of another
+    family (ppzoo.inference.export_families; its kind is recorded in ppzoo.json) loads as that family's
+    exported model (e.g. ExportedRecycleGPT) instead."""
+    from ppzoo.inference import export_families
+
+    if export_families.exported_kind(model_dir) is not None:
+        return export_families.load_family_export(model_dir, threads=threads, onednn=onednn, verify=verify)
     predictor = Predictor(model_dir, threads=threads, onednn=onednn, verify=verify)
     tokenizer_file = os.path.join(str(model_dir), TOKENIZER_FILE)
     if not os.path.isfile(tokenizer_file):
