@@ -290,11 +290,11 @@ def _self_check(lm, directory):
         past = {p: out[q] for p, q in zip(past_keys + past_values, present_keys + present_values)}
 
 
-def _file_entry(path):
+def file_entry(path):
     return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
 
 
-def _write_tokenizer(tokenizer, directory):
+def write_tokenizer(tokenizer, directory):
     tokenizer.save(os.path.join(directory, TOKENIZER_FILE))
     written = [TOKENIZER_FILE]
     source = getattr(tokenizer, "source", None)
@@ -308,7 +308,7 @@ def _write_tokenizer(tokenizer, directory):
     return written
 
 
-def _prepare_destination(out_dir):
+def prepare_destination(out_dir):
     """Refuse to replace a directory that is not an earlier export (it may hold anything)."""
     if out_dir.exists():
         if not out_dir.is_dir():
@@ -321,7 +321,7 @@ def _prepare_destination(out_dir):
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _move_into_place(tmp, out_dir):
+def move_into_place(tmp, out_dir):
     """Rename the finished temporary directory to out_dir, replacing an earlier export there."""
     old = None
     if out_dir.exists():
@@ -346,7 +346,7 @@ def export_language_model(module, cfg, tokenizer, out_dir, check=True):
     if dtypes != {"paddle.float32"}:
         raise PpzooError(f"export supports float32 weights; the model has {sorted(dtypes)}")
     out_dir = Path(out_dir).expanduser().resolve()
-    _prepare_destination(out_dir)
+    prepare_destination(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -359,7 +359,7 @@ def export_language_model(module, cfg, tokenizer, out_dir, check=True):
         missing = [name for name in program_files if not (tmp / name).is_file()]
         if missing:
             raise RuntimeError(f"paddle.jit.save did not write {missing} (wrote {sorted(os.listdir(tmp))})")
-        tokenizer_files = _write_tokenizer(tokenizer, str(tmp))
+        tokenizer_files = write_tokenizer(tokenizer, str(tmp))
         model_config = lm.config
         inputs, outputs = signature(model_config)
         metadata = {
@@ -379,14 +379,14 @@ def export_language_model(module, cfg, tokenizer, out_dir, check=True):
         # these names exist and the self-check that they carry what they claim.
         for i, output in enumerate(outputs):
             output["fetch_name"] = f"fetch_name_{i}"
-        _write_metadata(tmp, metadata, program_files + tokenizer_files)
+        write_metadata(tmp, metadata, program_files + tokenizer_files)
         if check:
             with paddle.no_grad():
                 _self_check(lm, str(tmp))
         for name in os.listdir(tmp):
             fsync_path(str(tmp / name))
         written = {name: os.path.getsize(tmp / name) for name in sorted(os.listdir(tmp))}
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -396,15 +396,32 @@ def export_language_model(module, cfg, tokenizer, out_dir, check=True):
     return written
 
 
-def _write_metadata(directory, metadata, files):
-    metadata["files"] = {name: _file_entry(os.path.join(directory, name)) for name in files}
+def write_metadata(directory, metadata, files):
+    metadata["files"] = {name: file_entry(os.path.join(directory, name)) for name in files}
     with open(os.path.join(directory, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=1)
         f.write("\n")
 
 
-def read_metadata(model_dir):
-    """ppzoo.json of an exported model, checked for format and version; CheckpointError names the file."""
+def exported_format(model_dir):
+    """The format recorded in model_dir/ppzoo.json, or None when there is no readable one (the loader of the
+    format asked for then reports what is wrong). Tools use it to pick the loader."""
+    path = os.path.join(str(model_dir), METADATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return metadata.get("format") if isinstance(metadata, dict) else None
+
+
+def read_metadata(model_dir, format=FORMAT, format_version=FORMAT_VERSION,
+                  required=("program", "files", "config", "cache", "inputs", "outputs")):
+    """ppzoo.json of an exported model, checked for format, version and the `required` entries (by default
+    the language-model export's; other exporters pass their own); CheckpointError names the file."""
+    model_dir = str(model_dir)
     path = os.path.join(model_dir, METADATA_FILE)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"{model_dir} is not a directory (expected an exported model from tools/export.py)")
@@ -415,14 +432,15 @@ def read_metadata(model_dir):
             metadata = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{path} is unreadable ({err}); export the model again") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} does not describe a ppzoo exported model (format {FORMAT!r} expected)")
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if not isinstance(metadata, dict) or metadata.get("format") != format:
+        raise CheckpointError(f"{path} does not describe a model of format {format!r} (it records "
+                              f"{metadata.get('format') if isinstance(metadata, dict) else None!r})")
+    if metadata.get("format_version") != format_version:
         raise CheckpointError(
             f"{path} has format version {metadata.get('format_version')}; this ppzoo reads version "
-            f"{FORMAT_VERSION}. Export the model again with this version of tools/export.py"
+            f"{format_version}. Export the model again with this version of tools/export.py"
         )
-    for key in ("program", "files", "config", "cache", "inputs", "outputs"):
+    for key in required:
         if key not in metadata:
             raise CheckpointError(f"{path} lacks the {key!r} entry; export the model again")
     return metadata
@@ -442,11 +460,3 @@ def verify_files(model_dir, metadata, checksums=True):
                 f"{path} does not match its size/checksum in {METADATA_FILE} (truncated or corrupt); "
                 "export the model again"
             )
-
-
-# Public names of the export directory helpers, for the other exporters (folding_export, export_families).
-prepare_destination = _prepare_destination
-move_into_place = _move_into_place
-write_metadata = _write_metadata
-write_tokenizer = _write_tokenizer
-file_entry = _file_entry

@@ -30,7 +30,6 @@ ChuXin with two predictors taking turns, which this simpler path does not do).
 Each program holds its own copy of the weights it reads (the head's and the embedding are in two programs
 for RecycleGPT): paddle.jit.save writes a program's parameters beside it.
 """
-import json
 import os
 import shutil
 from pathlib import Path
@@ -45,8 +44,8 @@ from ppzoo.data.tokenizer import Tokenizer
 from ppzoo.errors import CheckpointError, PpzooError
 from ppzoo.inference.cache import PassedKVCache
 from ppzoo.inference.export import (
-    METADATA_FILE, TOKENIZER_FILE, cache_names, move_into_place, prepare_destination, trace_and_save, verify_files,
-    write_metadata, write_tokenizer,
+    METADATA_FILE, TOKENIZER_FILE, cache_names, exported_format, move_into_place, prepare_destination,
+    read_metadata, trace_and_save, verify_files, write_metadata, write_tokenizer,
 )
 
 FORMAT = "ppzoo-exported-family"
@@ -115,31 +114,13 @@ def _write_export(out_dir, kind, cfg, build, tokenizer=None, extra=None, check=N
 def exported_kind(model_dir):
     """The family kind recorded in model_dir/ppzoo.json, or None when it is not a family export (a ChuXin
     or HelixFold export, or no export at all: their own loaders report what is wrong)."""
-    path = os.path.join(str(model_dir), METADATA_FILE)
-    if not os.path.isfile(path):
+    if exported_format(model_dir) != FORMAT:
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return metadata.get("kind") if isinstance(metadata, dict) and metadata.get("format") == FORMAT else None
+    return read_family_metadata(model_dir).get("kind")
 
 
 def read_family_metadata(model_dir):
-    path = os.path.join(str(model_dir), METADATA_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err}); export the model again") from None
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a ppzoo family export of format version {FORMAT_VERSION}; export "
-                              "the model again with tools/export.py")
-    for key in ("kind", "config", "programs", "files"):
-        if key not in metadata:
-            raise CheckpointError(f"{path} lacks the {key!r} entry; export the model again")
-    return metadata
+    return read_metadata(model_dir, FORMAT, FORMAT_VERSION, required=("kind", "config", "programs", "files"))
 
 
 def _dense(value):

@@ -14,7 +14,6 @@ clustering and BERT masking in NumPy) with the output writers.
 Files: model.json + model.pdiparams (the program), ppzoo.json (format, training config, recycles, feature
 sizes, input names in order, file sizes and SHA-256).
 """
-import json
 import os
 import shutil
 from pathlib import Path
@@ -25,9 +24,9 @@ import paddle.nn as nn
 from paddle.static import InputSpec
 
 from ppzoo.config import config_from_dict, config_to_dict
-from ppzoo.errors import CheckpointError, PpzooError
-from ppzoo.inference.export import (METADATA_FILE, PROGRAM_PREFIX, _move_into_place, _prepare_destination,
-                                    _write_metadata, verify_files)
+from ppzoo.errors import PpzooError
+from ppzoo.inference.export import (METADATA_FILE, PROGRAM_PREFIX, exported_format, move_into_place,
+                                    prepare_destination, read_metadata, verify_files, write_metadata)
 from ppzoo.models.helixfold.heads import plddt_from_logits
 
 FORMAT = "ppzoo-exported-helixfold"
@@ -86,7 +85,7 @@ def export_folding(module, cfg, out_dir, recycles=None, check=True):
     fcfg = feature_config(cfg, FoldingOptions(), 1)
     sizes = {"S": fcfg.max_msa_clusters, "E": fcfg.max_extra_msa, "T": fcfg.max_templates}
     out_dir = Path(out_dir).expanduser().resolve()
-    _prepare_destination(out_dir)
+    prepare_destination(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -100,11 +99,11 @@ def export_folding(module, cfg, out_dir, recycles=None, check=True):
                     "program": {"model": files[0], "params": files[1]}, "config": config_to_dict(cfg),
                     "recycles": recycles, "sizes": sizes, "inputs": [name for name, _, _ in INPUTS],
                     "outputs": list(OUTPUTS)}
-        _write_metadata(tmp, metadata, files)
+        write_metadata(tmp, metadata, files)
         if check:
             _self_check(module, cfg, str(tmp), recycles)
         written = {name: os.path.getsize(tmp / name) for name in sorted(os.listdir(tmp))}
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,26 +167,9 @@ class ExportedFolder:
 
 
 def read_folding_metadata(model_dir):
-    path = os.path.join(model_dir, METADATA_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: {model_dir} is not a model exported by tools/export.py")
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable ({err}); export the model again") from None
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} does not describe an exported HelixFold model (format {FORMAT!r} version "
-                              f"{FORMAT_VERSION}); export it again with tools/export.py.")
-    return metadata
+    return read_metadata(model_dir, FORMAT, FORMAT_VERSION, required=("program", "files", "config", "recycles",
+                                                                      "inputs"))
 
 
 def is_exported_folding_model(model_dir):
-    path = os.path.join(str(model_dir), METADATA_FILE)
-    if not os.path.isfile(path):
-        return False
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("format") == FORMAT
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False  # read_folding_metadata reports it, if this directory is used as a folding model
+    return exported_format(model_dir) == FORMAT
