@@ -25,7 +25,8 @@ from ppzoo.errors import ConfigError  # noqa: E402
 from ppzoo.inference import load_checkpoint_for_inference  # noqa: E402
 from ppzoo.inference.export import export_language_model  # noqa: E402
 from ppzoo.inference.export_families import EXPORTERS, export_family  # noqa: E402
-from ppzoo.models.ernie_vilg import checkpoint_module_name, load_vilg_for_inference  # noqa: E402
+from ppzoo.inference.loading import checkpoint_module_name  # noqa: E402
+from ppzoo.models.ernie_vilg import load_vilg_for_inference  # noqa: E402
 
 import argparse  # noqa: E402
 

@@ -11,6 +11,7 @@
     python tools/infer.py --ckpt output/ernie_titan_tiny --prompt "" --topic asyncio --keywords loop,future \
         --length 40 --genre code --rerank 4 --temperature 0.9   (ERNIE Titan: controllable, credibility-reranked)
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -26,10 +27,7 @@ from ppzoo.inference.kcache import KCacheConfig, cache_factory, parse_top_n  # n
 from ppzoo.inference.predictor import ExportedKVCache, ExportedLanguageModel, load_exported  # noqa: E402
 from ppzoo.inference.recycle import STRATEGIES, make_generator  # noqa: E402
 from ppzoo.inference.folding_export import is_exported_folding_model  # noqa: E402
-
-from ppzoo.models.ernie_vilg import checkpoint_module_name  # noqa: E402
-
-import argparse  # noqa: E402
+from ppzoo.inference.loading import checkpoint_module_name  # noqa: E402
 
 
 def parse_args(argv):

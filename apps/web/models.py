@@ -225,7 +225,7 @@ def load_model(spec):
             return FoldingModel(spec.name, path, folder.cfg, folder.predict, folder.recycles)
         model, tokenizer, _ = load_exported(path)
         return TextModel(spec.name, path, tokenizer=tokenizer, exported_model=model)
-    from ppzoo.models.ernie_vilg import checkpoint_module_name
+    from ppzoo.inference.loading import checkpoint_module_name
 
     module_name = checkpoint_module_name(path)
     if module_name == "HelixFold":

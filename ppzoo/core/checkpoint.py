@@ -187,3 +187,19 @@ def keep_optimizer_state_of(state, parameter_names):
 def read_trainer_state(path):
     with open(os.path.join(path, TRAINER_STATE)) as f:
         return json.load(f)
+
+
+def checkpoint_or_newest(path):
+    """A checkpoint directory as given, or, for a run's output directory, its newest checkpoint."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)) and list_checkpoints(path):
+        return list_checkpoints(path)[-1]
+    return path
+
+
+def module_name(path):
+    """The registered module a checkpoint (or a run directory's newest) was trained as, or None when `path`
+    holds no ppzoo checkpoint. Tools use it to pick a model family's inference path."""
+    path = checkpoint_or_newest(path)
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        return None
+    return read_trainer_state(path)["config"].get("Model", {}).get("module")

@@ -50,3 +50,8 @@ def load_checkpoint_for_inference(path):
     module.set_state_dict(merged_state_dict(path, module, state.get("mp_size", 1)))
     module.eval()
     return module, tokenizer, cfg
+
+
+def checkpoint_module_name(path):
+    """The registered module a checkpoint (or a run directory's newest) was trained as, or None."""
+    return ckpt.module_name(path)

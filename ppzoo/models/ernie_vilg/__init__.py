@@ -7,11 +7,11 @@ from ppzoo.data import images as _images  # noqa: F401  (registers SyntheticScen
 from ppzoo.models.ernie_vilg.attribute_classifier import SceneAttributeClassifier
 from ppzoo.models.ernie_vilg.generation import ImageSampling, caption_images, text_to_image
 from ppzoo.models.ernie_vilg.module import (
-    ErnieViLGConfig, ErnieViLGModule, checkpoint_module_name, load_vilg_for_inference,
+    ErnieViLGConfig, ErnieViLGModule, load_vilg_for_inference,
 )
 from ppzoo.models.ernie_vilg.vqvae import VQVAEConfig, VQVAEModule
 
 __all__ = [
     "ErnieViLGConfig", "ErnieViLGModule", "ImageSampling", "SceneAttributeClassifier", "VQVAEConfig", "VQVAEModule",
-    "caption_images", "checkpoint_module_name", "load_vilg_for_inference", "text_to_image",
+    "caption_images", "load_vilg_for_inference", "text_to_image",
 ]

@@ -67,16 +67,9 @@ def _strip_prefix(state, prefix):
     return {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
 
 
-def _newest_checkpoint(path):
-    """A checkpoint directory as given, or a run's output directory's newest checkpoint."""
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, ckpt.MANIFEST)) and ckpt.list_checkpoints(path):
-        return ckpt.list_checkpoints(path)[-1]
-    return path
-
-
 def load_tokenizer_weights(vqvae, path, expected_config, where):
     """Load a VQVAE checkpoint's weights into `vqvae`, checking its architecture is the one configured."""
-    path = _newest_checkpoint(path)
+    path = ckpt.checkpoint_or_newest(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{where}={path}: no such checkpoint. Train the image tokenizer first "
                               "(tools/train.py -c configs/ernie_vilg/tiny_vqvae.yaml) and point it at its output.")
@@ -190,15 +183,6 @@ class ErnieViLGModule(Module):
                 paddle.static.InputSpec([None, self.config.max_text_len], "int64", name="text_ids")]
 
 
-def checkpoint_module_name(path):
-    """The registered module a checkpoint (or a run directory's newest) was trained as, or None."""
-    path = _newest_checkpoint(path)
-    state_file = os.path.join(path, ckpt.TRAINER_STATE)
-    if not os.path.isfile(state_file):
-        return None
-    return ckpt.read_trainer_state(path)["config"].get("Model", {}).get("module")
-
-
 def load_vilg_for_inference(path):
     """(ErnieViLG module in eval mode, its config) from a checkpoint or a run directory (its newest).
 
@@ -206,7 +190,7 @@ def load_vilg_for_inference(path):
     (it may be gone by now)."""
     from ppzoo.config import config_from_dict
 
-    path = _newest_checkpoint(path)
+    path = ckpt.checkpoint_or_newest(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory (expected output_dir/step_XXXXXXXX).")
     ckpt.verify(path)
